@@ -1,0 +1,254 @@
+"""Benchmark: all_to_all_gemm schedules against vllm-ascend's path, side by side in one run.
+
+    python -m bench.bench_a2a_gemm                      # CPU default: 2 local ranks, scaled shapes
+    python -m bench.bench_a2a_gemm --world-size 8 --scale 1 --tokens 512 4096   # on a GPU node
+    torchrun --nproc-per-node 8 -m bench.bench_a2a_gemm --scale 1              # under torchrun
+
+For each model preset (o_proj shapes of DeepSeek-V3 at TP16 and Qwen3-32B at TP8; the group is
+the launched world, the per-rank head width K_l = K / preset TP, then divided by ``--scale``
+together with the hidden size N) and token count: median time after warm-up of each schedule
+and of the reference (all-to-all + transpose/reshape copy + torch.matmul), ratio to the reference,
+bytes each rank sends (against a TP reduce-scatter of the output, which FlashComm2 replaces), and
+the communication and GEMM timed alone. On a GPU it also reports the GEMM's TFLOP/s against
+torch.matmul at full size. A table on stdout, a CSV in ``--out``.
+
+On a CPU-only machine Triton runs in its *interpreter*: those timings measure Python, not a
+kernel, and say nothing about hardware speed. Only the collectives and torch.matmul are real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+PRESETS = {
+    # name: (hidden size N, heads x v_head_dim K, the TP this shape is deployed with)
+    "deepseek-v3-tp16": (7168, 16384, 16),
+    "qwen3-32b-tp8": (5120, 8192, 8),
+}
+
+
+@dataclass
+class Row:
+    preset: str
+    tokens: int
+    group: int
+    k_local: int
+    n: int
+    path: str
+    ms: float
+    ratio_to_reference: float
+    bytes_sent_per_rank: int
+    note: str = ""
+
+
+def _timed(fn: Callable[[], object], warmup: int, repeats: int, collective: bool = True) -> float:
+    """Median milliseconds; with ``collective``, every rank times and the slowest rank counts."""
+    import torch
+    import torch.distributed as dist
+
+    from kernels import platform
+
+    collective = collective and dist.is_initialized()
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if collective:
+            dist.barrier()
+        platform.synchronize()
+        start = time.perf_counter()
+        fn()
+        platform.synchronize()
+        samples.append((time.perf_counter() - start) * 1000)
+    median = torch.tensor([statistics.median(samples)], dtype=torch.float64)
+    if collective:
+        dist.all_reduce(median, op=dist.ReduceOp.MAX)
+    return float(median.item())
+
+
+def _bench_rank(args) -> list[Row]:
+    import torch
+    import torch.distributed as dist
+
+    import kernels
+    from kernels import platform
+    from kernels.recv_gemm import gemm
+
+    size, rank = dist.get_world_size(), dist.get_rank()
+    device = platform.torch_device()
+    dtype = getattr(torch, args.dtype)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    rows: list[Row] = []
+    for preset in args.presets:
+        n_full, k_full, preset_tp = PRESETS[preset]
+        k_local = max(16, k_full // preset_tp // args.scale)
+        n = max(16, n_full // args.scale)
+        weight = (torch.randn(n, size * k_local, device=device) / (size * k_local) ** 0.5).to(dtype)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, k_local, device=device).to(dtype)
+            chunk = -(-tokens // size)
+            mine = max(0, min(chunk, tokens - rank * chunk))
+            sent = (tokens - mine) * k_local * elt
+            padded_sent = (size - 1) * chunk * k_local * elt
+            rs_sent = (size - 1) * chunk * n * elt  # what TP's reduce-scatter of [T, N] would send
+            ref_ms = _timed(lambda: kernels.reference_all_to_all_gemm(x, weight), args.warmup, args.repeats)
+            common = dict(preset=preset, tokens=tokens, group=size, k_local=k_local, n=n)
+            rows.append(Row(**common, path="reference (a2a+copy+matmul)", ms=ref_ms, ratio_to_reference=1.0,
+                            bytes_sent_per_rank=padded_sent, note=f"TP reduce-scatter would send {rs_sent} B"))
+            for schedule in sorted(kernels.SCHEDULES):
+                ms = _timed(lambda: kernels.all_to_all_gemm(x, weight, schedule=schedule), args.warmup, args.repeats)
+                rows.append(Row(**common, path=schedule, ms=ms, ratio_to_reference=ref_ms / ms, bytes_sent_per_rank=sent,
+                                note="Triton interpreted" if platform.is_interpreter() else ""))
+            received = torch.empty(size * mine, k_local, device=device, dtype=dtype)
+            splits = [max(0, min(chunk, tokens - p * chunk)) for p in range(size)]
+            comm_ms = _timed(lambda: dist.all_to_all_single(received, x, [mine] * size, splits), args.warmup, args.repeats)
+            rows.append(Row(**common, path="comm alone (all_to_all)", ms=comm_ms, ratio_to_reference=ref_ms / comm_ms,
+                            bytes_sent_per_rank=sent))
+            blocks = received.view(size, mine, k_local)
+            if mine:
+                gemm_ms = _timed(lambda: gemm(blocks, weight), args.warmup, args.repeats)
+                rows.append(Row(**common, path="gemm alone (recv layout)", ms=gemm_ms, ratio_to_reference=ref_ms / gemm_ms,
+                                bytes_sent_per_rank=0, note="Triton interpreted" if platform.is_interpreter() else ""))
+    return rows
+
+
+def _gemm_vs_matmul(args) -> list[dict]:
+    """Full-size GEMM throughput against torch.matmul (GPU / NPU only)."""
+    import torch
+
+    from kernels import platform
+    from kernels.recv_gemm import gemm
+
+    device = platform.torch_device()
+    dtype = getattr(torch, args.dtype)
+    results = []
+    for preset in args.presets:
+        n, k, tp = PRESETS[preset]
+        for m in args.tokens:
+            m_chunk = max(1, m // tp) if args.per_chunk else m
+            a = torch.randn(tp, m_chunk, k // tp, device=device, dtype=dtype)
+            a_flat = a.transpose(0, 1).reshape(m_chunk, k)
+            w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+            ours = _timed(lambda: gemm(a, w), args.warmup, args.repeats, collective=False)
+            torch_ms = _timed(lambda: torch.matmul(a_flat, w.t()), args.warmup, args.repeats, collective=False)
+            flops = 2 * m_chunk * n * k
+            results.append(dict(preset=preset, m=m_chunk, n=n, k=k, ours_ms=ours, torch_ms=torch_ms,
+                                ours_tflops=flops / ours / 1e9, torch_tflops=flops / torch_ms / 1e9,
+                                fraction_of_torch=torch_ms / ours))
+    return results
+
+
+def _init_from_env() -> None:
+    import torch
+    import torch.distributed as dist
+
+    from kernels import platform
+
+    backend = platform.collective_backend()
+    if platform.device_kind() != "cpu":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        getattr(torch, platform.device_kind()).set_device(local)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=600))
+
+
+def _spawned(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    _init_from_env()
+    rows = _bench_rank(args)
+    if rank == 0:
+        queue.put(rows)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def run(args) -> list[Row]:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        _init_from_env()
+        return _bench_rank(args)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    procs = [context.Process(target=_spawned, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
+    for p in procs:
+        p.start()
+    rows = queue.get(timeout=args.timeout)
+    for p in procs:
+        p.join(timeout=60)
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}")
+    return rows
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("preset", "T", "S", "K_l", "N", "path", "ms", "x vs ref", "bytes sent/rank", "note"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.preset, str(r.tokens), str(r.group), str(r.k_local), str(r.n), r.path, f"{r.ms:.3f}",
+                      f"{r.ratio_to_reference:.2f}", str(r.bytes_sent_per_rank), r.note)
+    Console(width=200).print(table)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_a2a_gemm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--tokens", nargs="+", type=int, default=None, help="token counts T (default: 16 64 on CPU, 128 512 4096 on a device)")
+    parser.add_argument("--world-size", type=int, default=2, help="local ranks to spawn (ignored under torchrun)")
+    parser.add_argument("--scale", type=int, default=None, help="divide K_l and N by this (default: 64 on CPU, 1 on a device)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="results", help="directory for the CSV")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--per-chunk", action="store_true", help="GEMM-vs-matmul at M = T / TP instead of M = T")
+    args = parser.parse_args(argv)
+
+    import kernels  # noqa: F401  (selects the interpreter on a CPU-only machine)
+    from kernels import platform
+
+    on_device = platform.device_kind() != "cpu"
+    args.tokens = args.tokens or ([128, 512, 4096] if on_device else [16, 64])
+    args.scale = args.scale or (1 if on_device else 64)
+    rows = run(args)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    mode = "compiled" if not platform.is_interpreter() else "INTERPRETED (Triton timings measure Python, not hardware)"
+    print_table(rows, f"all_to_all_gemm vs vllm-ascend path — {platform.device_name()}, Triton {mode}, dtype {args.dtype}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_a2a_gemm.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(Row.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(r.__dict__ for r in rows)
+    print(f"wrote {path}")
+    if on_device:
+        results = _gemm_vs_matmul(args)
+        for r in results:
+            print(f"GEMM {r['preset']} M={r['m']} N={r['n']} K={r['k']}: ours {r['ours_tflops']:.1f} TFLOP/s, "
+                  f"torch.matmul {r['torch_tflops']:.1f} TFLOP/s -> {100 * r['fraction_of_torch']:.1f}% of torch")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Triton kernels and thin host launchers for FlashComm2 (no nn.Module here).
+
+`platform` is imported first: on a machine without an NPU or a GPU it selects the Triton
+interpreter before any kernel is decorated.
+"""
+
+from . import platform  # noqa: I001  (must precede every module that defines a kernel)
+
+if platform.is_interpreter():
+    from .interpreter import install_bf16_dot_fix
+
+    install_bf16_dot_fix()
+
+from .gemm_config import GemmConfig, candidate_gemm_configs, default_gemm_config
+from .recv_gemm import gemm
+from .all_to_all_gemm import A2AGemmConfig, SCHEDULES, all_to_all_gemm, choose_schedule
+from .reference import reference_all_to_all_gemm
+
+
+
+__all__ = [
+    "A2AGemmConfig",
+    "GemmConfig",
+    "SCHEDULES",
+    "all_to_all_gemm",
+    "candidate_gemm_configs",
+    "choose_schedule",
+    "default_gemm_config",
+    "gemm",
+    "platform",
+    "reference_all_to_all_gemm",
+]

@@ -1,0 +1,233 @@
+"""``all_to_all_gemm``: FlashComm2's core operator, the all-to-all of attention output + o_proj.
+
+Every rank of a group of size S holds ``x : [T, K_l]``, its own heads for all T tokens. Tokens are
+cut into S chunks of ``c = ceil(T / S)`` (the last ones short or empty). Group rank r returns
+``[c, N]``: rows ``[r*c, r*c + c)`` of the dense product ``concat_heads(x) @ weight^T + bias``, zero
+for tokens >= T (FlashComm1's sequence-parallel layout, DESIGN section 2).
+
+Schedules (the ``schedule`` argument; ``SCHEDULES`` lists those that exist):
+
+- ``sequential``: one ``all_to_all_single`` whose receive buffer *is* the GEMM's A operand in
+  receive layout ``[S, m_r, K_l]`` (uneven split sizes instead of padding, so short and empty
+  chunks move no padding), then the receive-layout GEMM. No transpose/reshape copy.
+- ``auto``: `choose_schedule` (documented there).
+
+Everything that can be wrong with the arguments is checked before the first collective, and
+identically on every rank (the checks read only arguments every rank shares), so a bad call
+raises everywhere and leaves the group in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from . import platform
+from .gemm_config import GemmConfig
+from .recv_gemm import SUPPORTED_DTYPES, gemm
+
+
+@dataclass(frozen=True)
+class A2AGemmConfig:
+    """Tuning of one ``all_to_all_gemm`` call.
+
+    ``schedule``: the schedule a tuned table chose (used when the call says ``"auto"``);
+    ``gemm``: tile config of the GEMM (None = `default_gemm_config`); ``chunks``: token sub-chunks
+    for the chunked schedule.
+    """
+
+    schedule: Optional[str] = None
+    gemm: Optional[GemmConfig] = None
+    chunks: int = 2
+
+    def __post_init__(self) -> None:
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"config.schedule={self.schedule!r}: expected one of {sorted(SCHEDULES)} or None")
+        if self.gemm is not None and not isinstance(self.gemm, GemmConfig):
+            raise TypeError(f"config.gemm: expected a GemmConfig or None, got {type(self.gemm).__name__}")
+        if not isinstance(self.chunks, int) or self.chunks < 1:
+            raise ValueError(f"config.chunks={self.chunks!r}: expected an integer >= 1")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "A2AGemmConfig":
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"A2AGemmConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        if isinstance(values.get("gemm"), Mapping):
+            values["gemm"] = GemmConfig.from_dict(values["gemm"])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {
+            "schedule": self.schedule,
+            "gemm": self.gemm.to_dict() if self.gemm else None,
+            "chunks": self.chunks,
+        }
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One validated call: what every schedule needs, derived once."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    group: Optional[dist.ProcessGroup]
+    size: int  # S
+    rank: int  # r, within the group
+    chunk: int  # c = ceil(T / S)
+    config: A2AGemmConfig
+
+    @property
+    def tokens(self) -> int:
+        return self.x.shape[0]
+
+    def rows(self, p: int) -> int:
+        """Tokens that actually exist in chunk p (c, fewer for the tail, 0 past T)."""
+        return max(0, min(self.chunk, self.tokens - p * self.chunk))
+
+    def new_output(self) -> torch.Tensor:
+        out = torch.empty((self.chunk, self.weight.shape[0]), dtype=self.x.dtype, device=self.x.device)
+        out[self.rows(self.rank):].zero_()
+        return out
+
+
+def _sequential(call: _Call) -> torch.Tensor:
+    out = call.new_output()
+    m = call.rows(call.rank)
+    k_l = call.x.shape[1]
+    if call.size == 1:
+        received = call.x.unsqueeze(0)
+    else:
+        # Chunk p is x[p*c : p*c + rows(p)]: consecutive, so x itself is the send buffer.
+        send = call.x.contiguous()
+        received = torch.empty((call.size * m, k_l), dtype=call.x.dtype, device=call.x.device)
+        dist.all_to_all_single(
+            received,
+            send,
+            output_split_sizes=[m] * call.size,
+            input_split_sizes=[call.rows(p) for p in range(call.size)],
+            group=call.group,
+        )
+        received = received.view(call.size, m, k_l)
+    if m:
+        gemm(received, call.weight, call.bias, out=out[:m], config=call.config.gemm)
+    return out
+
+
+ScheduleFn = Callable[[_Call], torch.Tensor]
+
+#: Schedules that exist, by name. The overlapped ones register here as they are built.
+SCHEDULES: dict[str, ScheduleFn] = {"sequential": _sequential}
+
+
+def choose_schedule(
+    tokens: int,
+    k_local: int,
+    n: int,
+    group_size: int,
+    device: str,
+    config: Optional[A2AGemmConfig] = None,
+) -> str:
+    """The schedule ``"auto"`` runs. Same inputs -> same answer on every rank.
+
+    1. A tuned config's ``schedule`` wins (tables are produced by `python -m autotune`).
+    2. A group of one has nothing to communicate: ``sequential``.
+    3. Otherwise ``sequential`` — the only schedule available so far; the overlapped schedules
+       (chunked, ring, pull) extend this rule when they land.
+    """
+    if config is not None and config.schedule is not None:
+        return config.schedule
+    return "sequential"
+
+
+def _group_shape(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        if group is not None:
+            raise ValueError("group: given, but torch.distributed is not initialised")
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _validate(
+    x: Any, weight: Any, bias: Any, schedule: Any, config: Any, size: int
+) -> A2AGemmConfig:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-d [T, K_l] tensor, got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-d [N, S*K_l] tensor, got shape {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: dtype {x.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight: on {weight.device}, x on {x.device}; expected the same device")
+    k_l = x.shape[1]
+    if weight.shape[1] != size * k_l:
+        raise ValueError(
+            f"weight: expected {size * k_l} columns (group size {size} x K_l {k_l}, all heads in "
+            f"global head order), got shape {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} differs from x's {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: on {bias.device}, x on {x.device}; expected the same device")
+    if schedule != "auto" and schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
+    if config is None:
+        return A2AGemmConfig()
+    if isinstance(config, GemmConfig):
+        return A2AGemmConfig(gemm=config)
+    if isinstance(config, Mapping):
+        return A2AGemmConfig.from_dict(config)
+    if not isinstance(config, A2AGemmConfig):
+        raise TypeError(f"config: expected A2AGemmConfig, GemmConfig, a dict or None, got {type(config).__name__}")
+    return config
+
+
+def all_to_all_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    schedule: str = "auto",
+    config: Union[A2AGemmConfig, GemmConfig, Mapping[str, Any], None] = None,
+) -> torch.Tensor:
+    """All-to-all of ``x`` within ``group``, then ``@ weight^T (+ bias)``: see the module docstring.
+
+    Args:
+        x: ``[T, K_l]`` this rank's heads for all T tokens (T equal on every rank of the group).
+        weight: ``[N, S*K_l]`` the full W_o, columns in global head order (group rank p's heads
+            are columns ``[p*K_l, (p+1)*K_l)``).
+        group: a process group (default: the world; any subgroup, ranks need not be contiguous).
+        bias: ``[N]`` or None.
+        schedule: ``"auto"`` or a name in ``SCHEDULES``.
+        config: an `A2AGemmConfig` (or just a `GemmConfig`, or its dict form).
+
+    Returns:
+        ``[ceil(T/S), N]`` in x's dtype: token chunk ``group rank`` of the dense result.
+    """
+    size, rank = _group_shape(group)
+    config = _validate(x, weight, bias, schedule, config, size)
+    tokens, k_local = x.shape
+    if schedule == "auto":
+        schedule = choose_schedule(tokens, k_local, weight.shape[0], size, platform.device_kind(), config)
+    chunk = -(-tokens // size)
+    call = _Call(x, weight, bias, group, size, rank, chunk, config)
+    return SCHEDULES[schedule](call)
