@@ -3,20 +3,25 @@
 # Test environments are virtualenvs under $(ENV_ROOT), named by a hash of requirements/*.txt, so
 # a fresh clone reuses them and a change of pins builds new ones:
 #   ascend-<hash>: CPU torch + triton-ascend (interpreter numerics, Ascend adapter lowering),
-#   cuda-<hash>:   CPU torch + upstream triton (CUDA sm_90 compile checks, no GPU needed).
+#   cuda-<hash>:   CPU torch + upstream triton (CUDA sm_90 compile checks, no GPU needed),
+#   vllm-<hash>:   vllm 0.33.0 + its pinned torch 2.14 + upstream triton 3.8 + transformers (fc2's
+#                  vLLM and Hugging Face tests, against the real libraries, on CPU with gloo).
 # triton-ascend and upstream triton both install the module `triton`: never in one environment.
 
 PYTHON ?= python3
 ENV_ROOT ?= $(HOME)/.cache/fc2-triton
-ENV_HASH := $(shell cat requirements/*.txt | sha256sum | cut -c1-12)
+# requirements/vllm.txt is hashed on its own (VLLM_ENV_HASH): the vLLM env is big, the others small.
+ENV_HASH := $(shell cat $(sort $(filter-out requirements/vllm.txt,$(wildcard requirements/*.txt))) | sha256sum | cut -c1-12)
+VLLM_ENV_HASH := $(shell cat requirements/vllm.txt | sha256sum | cut -c1-12)
 ASCEND_ENV := $(ENV_ROOT)/ascend-$(ENV_HASH)
 CUDA_ENV := $(ENV_ROOT)/cuda-$(ENV_HASH)
+VLLM_ENV := $(ENV_ROOT)/vllm-$(VLLM_ENV_HASH)
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: test test-numerics test-lowering autotune bench envs clean-envs
+.PHONY: test test-numerics test-lowering test-vllm autotune bench envs clean-envs
 
-test: test-numerics test-lowering
+test: test-numerics test-lowering test-vllm
 
 # 1. Everything numerical, multi-process with gloo, Triton in its interpreter.
 test-numerics: $(ASCEND_ENV)/.ready
@@ -28,13 +33,25 @@ test-lowering: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready
 	TRITON_INTERPRET=0 $(ASCEND_ENV)/bin/python -m pytest -q -m ascend_lowering $(PYTEST_ARGS) tests/test_lowering.py
 	TRITON_INTERPRET=0 $(CUDA_ENV)/bin/python -m pytest -q -m cuda_compile $(PYTEST_ARGS) tests/test_lowering.py
 
-# Until `python -m autotune` lands, the main job runs the kernel benchmark at its CPU default.
+# 3. fc2 against real vLLM (its Llama model, loader, RowParallelLinear, patch_model, the general-
+#    plugin entry point) and real transformers models, in the vLLM environment (upstream Triton's
+#    interpreter there). Only these files: the other test modules need packages this env lacks.
+VLLM_TESTS := tests/test_fc2_hf.py tests/test_fc2_vllm.py
+test-vllm: $(VLLM_ENV)/.ready $(VLLM_ENV)/.fc2-installed
+	TRITON_INTERPRET=1 $(VLLM_ENV)/bin/python -m pytest -q -m vllm_env $(PYTEST_ARGS) $(VLLM_TESTS)
+
+# The main job: `python -m autotune` at its defaults (on a CPU-only machine: a small real study of
+# the tiny model on 2 local ranks; database, tables, report and plots in results/autotune/).
 autotune: $(ASCEND_ENV)/.ready
+	$(ASCEND_ENV)/bin/python -m autotune
+
+# Benchmarks (side by side with the reference, ratios; CSV + tables in results/): the overlapped
+# all-to-all + GEMM schedules, then o_shared's prefetch.
+bench: $(ASCEND_ENV)/.ready
 	$(ASCEND_ENV)/bin/python -m bench.bench_a2a_gemm
+	$(ASCEND_ENV)/bin/python -m bench.bench_prefetch
 
-bench: autotune
-
-envs: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready
+envs: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready $(VLLM_ENV)/.ready
 
 $(ASCEND_ENV)/.ready:
 	rm -rf $(ASCEND_ENV)
@@ -48,6 +65,18 @@ $(CUDA_ENV)/.ready:
 	$(PYTHON) -m venv $(CUDA_ENV)
 	$(CUDA_ENV)/bin/pip install -q -r requirements/torch-cpu.txt -r requirements/cuda.txt \
 		-r requirements/dev.txt
+	touch $@
+
+$(VLLM_ENV)/.ready:
+	rm -rf $(VLLM_ENV)
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/pip install -q -r requirements/vllm.txt
+	touch $@
+
+# The package's metadata (entry point `vllm.general_plugins` -> fc2) in the vLLM env, as an
+# editable install of this checkout; redone when pyproject.toml is newer (a fresh clone, a change).
+$(VLLM_ENV)/.fc2-installed: $(VLLM_ENV)/.ready pyproject.toml
+	$(VLLM_ENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 clean-envs:

@@ -12,6 +12,12 @@ bytes each rank sends (against a TP reduce-scatter of the output, which FlashCom
 the communication and GEMM timed alone. On a GPU it also reports the GEMM's TFLOP/s against
 torch.matmul at full size. A table on stdout, a CSV in ``--out``.
 
+Overlap efficiency of a schedule: ``(T_seq - T_sched) / (T_seq - max(T_comm, T_gemm))``, with
+T_comm (the all-to-all alone) and T_gemm (the receive-layout GEMM alone) timed in the same run:
+1 means the schedule hid all that overlapping could hide, 0 no better than ``sequential``. The
+``pull`` schedule runs on a context with a symmetric heap made once per preset (skipped, with a
+note, where no heap can be made).
+
 On a CPU-only machine Triton runs in its *interpreter*: those timings measure Python, not a
 kernel, and say nothing about hardware speed. Only the collectives and torch.matmul are real.
 """
@@ -28,7 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 PRESETS = {
     # name: (hidden size N, heads x v_head_dim K, the TP this shape is deployed with)
@@ -49,6 +55,10 @@ class Row:
     ratio_to_reference: float
     bytes_sent_per_rank: int
     note: str = ""
+    #: (T_seq - T_sched) / (T_seq - max(T_comm, T_gemm)): the share of the hideable time a
+    #: schedule hid (1 = perfect overlap, 0 = no better than sequential, < 0 = slower); None
+    #: where it does not apply or sequential leaves nothing to hide.
+    overlap_efficiency: Optional[float] = None
 
 
 def _timed(fn: Callable[[], object], warmup: int, repeats: int, collective: bool = True) -> float:
@@ -89,11 +99,17 @@ def _bench_rank(args) -> list[Row]:
     dtype = getattr(torch, args.dtype)
     elt = torch.tensor([], dtype=dtype).element_size()
     rows: list[Row] = []
+    interpreted = "Triton interpreted" if platform.is_interpreter() else ""
     for preset in args.presets:
         n_full, k_full, preset_tp = PRESETS[preset]
         k_local = max(16, k_full // preset_tp // args.scale)
         n = max(16, n_full // args.scale)
         weight = (torch.randn(n, size * k_local, device=device) / (size * k_local) ** 0.5).to(dtype)
+        try:  # collective: every rank gets a heap, or every rank gets the same error
+            context = kernels.A2AGemmContext(max_input_bytes=max(args.tokens) * k_local * elt)
+            no_heap = ""
+        except kernels.HeapUnavailable as error:
+            context, no_heap = kernels.A2AGemmContext(), str(error)
         for tokens in args.tokens:
             x = torch.randn(tokens, k_local, device=device).to(dtype)
             chunk = -(-tokens // size)
@@ -105,20 +121,38 @@ def _bench_rank(args) -> list[Row]:
             common = dict(preset=preset, tokens=tokens, group=size, k_local=k_local, n=n)
             rows.append(Row(**common, path="reference (a2a+copy+matmul)", ms=ref_ms, ratio_to_reference=1.0,
                             bytes_sent_per_rank=padded_sent, note=f"TP reduce-scatter would send {rs_sent} B"))
+            scheduled: list[Row] = []
             for schedule in sorted(kernels.SCHEDULES):
-                ms = _timed(lambda: kernels.all_to_all_gemm(x, weight, schedule=schedule), args.warmup, args.repeats)
-                rows.append(Row(**common, path=schedule, ms=ms, ratio_to_reference=ref_ms / ms, bytes_sent_per_rank=sent,
-                                note="Triton interpreted" if platform.is_interpreter() else ""))
+                if schedule == "pull" and no_heap:
+                    rows.append(Row(**common, path=schedule, ms=float("nan"), ratio_to_reference=float("nan"),
+                                    bytes_sent_per_rank=0, note=f"skipped: {no_heap}"))
+                    continue
+                ms = _timed(lambda: kernels.all_to_all_gemm(x, weight, schedule=schedule, context=context),
+                            args.warmup, args.repeats)
+                # pull sends nothing: the GEMM reads the same bytes from the peers' heaps.
+                note = interpreted + ("; peers' bytes read in-kernel" if schedule == "pull" else "")
+                scheduled.append(Row(**common, path=schedule, ms=ms, ratio_to_reference=ref_ms / ms,
+                                     bytes_sent_per_rank=0 if schedule == "pull" else sent, note=note.strip("; ")))
+            rows.extend(scheduled)
             received = torch.empty(size * mine, k_local, device=device, dtype=dtype)
             splits = [max(0, min(chunk, tokens - p * chunk)) for p in range(size)]
             comm_ms = _timed(lambda: dist.all_to_all_single(received, x, [mine] * size, splits), args.warmup, args.repeats)
             rows.append(Row(**common, path="comm alone (all_to_all)", ms=comm_ms, ratio_to_reference=ref_ms / comm_ms,
                             bytes_sent_per_rank=sent))
             blocks = received.view(size, mine, k_local)
+            gemm_ms = 0.0
             if mine:
                 gemm_ms = _timed(lambda: gemm(blocks, weight), args.warmup, args.repeats)
                 rows.append(Row(**common, path="gemm alone (recv layout)", ms=gemm_ms, ratio_to_reference=ref_ms / gemm_ms,
-                                bytes_sent_per_rank=0, note="Triton interpreted" if platform.is_interpreter() else ""))
+                                bytes_sent_per_rank=0, note=interpreted))
+            sequential_ms = next(r.ms for r in scheduled if r.path == "sequential")
+            hideable = sequential_ms - max(comm_ms, gemm_ms)
+            for r in scheduled:
+                if hideable > 0:
+                    r.overlap_efficiency = (sequential_ms - r.ms) / hideable
+                else:  # timing noise, or nothing to overlap: no efficiency to report
+                    r.note = "; ".join(filter(None, [r.note, "eff. n/a: T_seq <= max(T_comm, T_gemm)"]))
+        context.close()
     return rows
 
 
@@ -201,11 +235,12 @@ def print_table(rows: list[Row], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("preset", "T", "S", "K_l", "N", "path", "ms", "x vs ref", "bytes sent/rank", "note"):
+    for col in ("preset", "T", "S", "K_l", "N", "path", "ms", "x vs ref", "overlap eff.", "bytes sent/rank", "note"):
         table.add_column(col)
     for r in rows:
+        efficiency = "" if r.overlap_efficiency is None else f"{r.overlap_efficiency:+.2f}"
         table.add_row(r.preset, str(r.tokens), str(r.group), str(r.k_local), str(r.n), r.path, f"{r.ms:.3f}",
-                      f"{r.ratio_to_reference:.2f}", str(r.bytes_sent_per_rank), r.note)
+                      f"{r.ratio_to_reference:.2f}", efficiency, str(r.bytes_sent_per_rank), r.note)
     Console(width=200).print(table)
 
 

@@ -14,12 +14,19 @@ if platform.is_interpreter():
 from .gemm_config import GemmConfig, candidate_gemm_configs, default_gemm_config
 from .recv_gemm import gemm
 from .all_to_all_gemm import A2AGemmConfig, SCHEDULES, all_to_all_gemm, choose_schedule
+from .a2a_context import A2AGemmContext
+from .symmetric_heap import HeapUnavailable, SymmetricHeap, heap_support
+from .pull_gemm import pull_gemm
 from .reference import reference_all_to_all_gemm
+from .gemm_reduce_scatter import gemm_reduce_scatter
 
 
 
 __all__ = [
     "A2AGemmConfig",
+    "A2AGemmContext",
+    "HeapUnavailable",
+    "SymmetricHeap",
     "GemmConfig",
     "SCHEDULES",
     "all_to_all_gemm",
@@ -27,6 +34,9 @@ __all__ = [
     "choose_schedule",
     "default_gemm_config",
     "gemm",
+    "gemm_reduce_scatter",
+    "heap_support",
     "platform",
+    "pull_gemm",
     "reference_all_to_all_gemm",
 ]

@@ -10,6 +10,8 @@ Schedules (the ``schedule`` argument; ``SCHEDULES`` lists those that exist):
 - ``sequential``: one ``all_to_all_single`` whose receive buffer *is* the GEMM's A operand in
   receive layout ``[S, m_r, K_l]`` (uneven split sizes instead of padding, so short and empty
   chunks move no padding), then the receive-layout GEMM. No transpose/reshape copy.
+- ``chunked``, ``ring``, ``pull``: overlapped (`kernels.schedules`); ``pull`` needs an
+  `A2AGemmContext` with a symmetric heap (`kernels.a2a_context`).
 - ``auto``: `choose_schedule` (documented there).
 
 Everything that can be wrong with the arguments is checked before the first collective, and
@@ -27,8 +29,10 @@ import torch
 import torch.distributed as dist
 
 from . import platform
+from .a2a_context import A2AGemmContext, normalized_group, pull_unavailable
 from .gemm_config import GemmConfig
 from .recv_gemm import SUPPORTED_DTYPES, gemm
+from .schedules import OVERLAPPED_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class _Call:
     rank: int  # r, within the group
     chunk: int  # c = ceil(T / S)
     config: A2AGemmConfig
+    context: Optional[A2AGemmContext] = None  # streams, workspaces, heap (overlapped schedules)
 
     @property
     def tokens(self) -> int:
@@ -123,8 +128,14 @@ def _sequential(call: _Call) -> torch.Tensor:
 
 ScheduleFn = Callable[[_Call], torch.Tensor]
 
-#: Schedules that exist, by name. The overlapped ones register here as they are built.
-SCHEDULES: dict[str, ScheduleFn] = {"sequential": _sequential}
+#: Schedules that exist, by name.
+SCHEDULES: dict[str, ScheduleFn] = {"sequential": _sequential, **OVERLAPPED_SCHEDULES}
+
+#: `choose_schedule` thresholds on the rows c = ceil(T / S) each rank multiplies (untuned rules;
+#: tuned tables from `python -m autotune` replace them).
+PULL_MAX_ROWS = 64
+OVERLAP_MIN_ROWS = 32
+RING_MAX_GROUP = 4
 
 
 def choose_schedule(
@@ -134,17 +145,43 @@ def choose_schedule(
     group_size: int,
     device: str,
     config: Optional[A2AGemmConfig] = None,
+    *,
+    heap: bool = False,
 ) -> str:
     """The schedule ``"auto"`` runs. Same inputs -> same answer on every rank.
 
-    1. A tuned config's ``schedule`` wins (tables are produced by `python -m autotune`).
-    2. A group of one has nothing to communicate: ``sequential``.
-    3. Otherwise ``sequential`` — the only schedule available so far; the overlapped schedules
-       (chunked, ring, pull) extend this rule when they land.
+    Every input is shared by the ranks of the group (T, K_l, N and S are, the device kind is,
+    and ``heap`` -- whether the call passes a context with a symmetric heap -- is, because such
+    a context is created collectively and every rank passes it alike), so every rank picks the
+    same schedule and issues the same collectives. With ``c = ceil(T / S)``:
+
+    1. A tuned config's ``schedule`` wins (tables are produced by `python -m autotune`), except
+       ``pull`` without a heap, which falls through to the rules: ``auto`` never picks ``pull``
+       where it cannot run.
+    2. ``S == 1``: nothing to communicate: ``sequential``.
+    3. ``heap`` and ``c <= PULL_MAX_ROWS`` (decode-sized): ``pull``. It replaces the all-to-all
+       by one barrier, and the GEMM's remote loads are few: every A tile is re-read once per
+       N-tile, which is cheap for small c and a link-bandwidth sink for large c.
+    4. ``c < OVERLAP_MIN_ROWS``: ``sequential``. Sub-chunks below 16 rows leave the cube unit /
+       tensor cores idle, and each extra collective adds latency that a small GEMM cannot hide.
+    5. ``S <= RING_MAX_GROUP``: ``ring``. Its first step needs no communication (1/S of the work
+       starts at once) and each step moves one peer's block point to point; but it re-reads and
+       re-writes an fp32 ``[c, N]`` accumulator S times and each GEMM is only K_l deep, so it
+       pays off only for small groups.
+    6. Otherwise ``chunked`` (``config.chunks`` sub-chunks, full-K GEMMs).
     """
-    if config is not None and config.schedule is not None:
+    if config is not None and config.schedule is not None and (config.schedule != "pull" or heap):
         return config.schedule
-    return "sequential"
+    chunk = -(-tokens // group_size)
+    if group_size == 1:
+        return "sequential"
+    if heap and chunk <= PULL_MAX_ROWS:
+        return "pull"
+    if chunk < OVERLAP_MIN_ROWS:
+        return "sequential"
+    if group_size <= RING_MAX_GROUP:
+        return "ring"
+    return "chunked"
 
 
 def _group_shape(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -153,6 +190,23 @@ def _group_shape(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
             raise ValueError("group: given, but torch.distributed is not initialised")
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _validate_context(context: Any, group: Optional[dist.ProcessGroup]) -> None:
+    if context is None:
+        return
+    if not isinstance(context, A2AGemmContext):
+        raise TypeError(f"context: expected an A2AGemmContext or None, got {type(context).__name__}")
+    if context.group is not normalized_group(group):
+        raise ValueError("context: made for another process group; create one A2AGemmContext per group")
+
+
+def _validate_pull(context: Optional[A2AGemmContext], x: torch.Tensor) -> None:
+    """What ``pull`` needs: a context with an open heap whose slots hold x (shared facts)."""
+    reason = pull_unavailable(context)
+    if reason:
+        raise ValueError(reason)
+    context.check_fits(x.shape[0], x.shape[1], x.dtype)
 
 
 def _validate(
@@ -208,6 +262,7 @@ def all_to_all_gemm(
     bias: Optional[torch.Tensor] = None,
     schedule: str = "auto",
     config: Union[A2AGemmConfig, GemmConfig, Mapping[str, Any], None] = None,
+    context: Optional[A2AGemmContext] = None,
 ) -> torch.Tensor:
     """All-to-all of ``x`` within ``group``, then ``@ weight^T (+ bias)``: see the module docstring.
 
@@ -219,15 +274,21 @@ def all_to_all_gemm(
         bias: ``[N]`` or None.
         schedule: ``"auto"`` or a name in ``SCHEDULES``.
         config: an `A2AGemmConfig` (or just a `GemmConfig`, or its dict form).
+        context: an `A2AGemmContext` made once for ``group`` (streams, workspaces and, for
+            ``pull``, the symmetric heap); needed by ``pull``, optional otherwise.
 
     Returns:
         ``[ceil(T/S), N]`` in x's dtype: token chunk ``group rank`` of the dense result.
     """
     size, rank = _group_shape(group)
     config = _validate(x, weight, bias, schedule, config, size)
+    _validate_context(context, group)
     tokens, k_local = x.shape
     if schedule == "auto":
-        schedule = choose_schedule(tokens, k_local, weight.shape[0], size, platform.device_kind(), config)
+        heap = pull_unavailable(context) is None
+        schedule = choose_schedule(tokens, k_local, weight.shape[0], size, platform.device_kind(), config, heap=heap)
+    if schedule == "pull":
+        _validate_pull(context, x)
     chunk = -(-tokens // size)
-    call = _Call(x, weight, bias, group, size, rank, chunk, config)
+    call = _Call(x, weight, bias, group, size, rank, chunk, config, context)
     return SCHEDULES[schedule](call)

@@ -171,7 +171,7 @@ def _cubin_resources(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
 
 
 #: Modules that define kernels; each provides ``lowering_cases(target)``.
-KERNEL_MODULES = ("kernels.recv_gemm",)
+KERNEL_MODULES = ("kernels.recv_gemm", "kernels.pull_gemm", "kernels.peer_copy", "kernels.peer_weight_gemm")
 
 
 def all_lowering_cases(target: str) -> list:

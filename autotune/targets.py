@@ -1,0 +1,244 @@
+"""How each tuned kernel runs on the ranks: its inputs, one config's callable, its reference.
+
+A target is created on every rank for one `Problem` and this rank's process groups
+(`fc2.groups.build_groups`, the layout the modules use). `build(config)` is local (allocates and
+compiles: runs the GEMM once on local data, no collective) and returns the callable that is timed;
+`reference()` returns the unfused path the report compares against.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from kernels import platform
+from kernels.recv_gemm import gemm
+
+from .space import Problem
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Target:
+    kernel = ""
+
+    def __init__(self, problem: Problem, groups: Any, seed: int = 0):
+        self.problem = problem
+        self.groups = groups
+        self.device = platform.torch_device()
+        self.dtype = DTYPES[problem.dtype]
+        # Inputs differ per rank (as attention outputs do) but are reproducible.
+        self.generator = torch.Generator().manual_seed(seed * 1000 + groups.rank)
+
+    def _randn(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=self.generator) * scale).to(self.dtype).to(self.device)
+
+    def build(self, config: Any) -> Callable[[], Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reference(self) -> Optional[Callable[[], Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the target holds (local)."""
+
+
+class A2AGemmTarget(Target):
+    """``kernels.all_to_all_gemm`` in this rank's ODP group (the TP group when otp = 1).
+
+    With ``problem.heap`` (``--pull``), calls get an `A2AGemmContext` made once for the group
+    (collectively, on every rank) with a symmetric heap sized for ``x``, so ``pull`` can run;
+    otherwise no context, as `fc2.FlashComm2OProj` calls it.
+    """
+
+    kernel = "all_to_all_gemm"
+
+    def __init__(self, problem: Problem, groups: Any, seed: int = 0):
+        from kernels import A2AGemmContext
+
+        from .space import heap_missing
+
+        super().__init__(problem, groups, seed)
+        p = problem
+        self.group = groups.odp_group
+        self.x = self._randn(p.tokens, p.k_local)
+        self.weight = self._randn(p.n, p.gemm_k, scale=p.gemm_k ** -0.5)
+        # As A2AGemmSpace assumes: a heap context only when asked for (and possible); otherwise
+        # no context, like FlashComm2OProj.
+        self.context = None
+        if p.heap and p.group_size > 1 and heap_missing(p.device_kind) is None:
+            self.context = A2AGemmContext(self.group, max_input_bytes=self.x.numel() * self.x.element_size())
+
+    def close(self) -> None:
+        if self.context is not None:
+            self.context.close()
+
+    def build(self, config: Any) -> Callable[[], Any]:
+        import kernels
+
+        p = self.problem
+        if p.rows:
+            # Compile (and run once) the GEMM this config launches, on local data: a config that
+            # does not compile fails here on every rank, before any collective.
+            blocks = torch.zeros(p.group_size, p.rows, p.k_local, dtype=self.dtype, device=self.device)
+            gemm(blocks, self.weight, config=config.gemm)
+        schedule = config.schedule or "auto"
+        return lambda: kernels.all_to_all_gemm(self.x, self.weight, self.group, schedule=schedule, config=config,
+                                               context=self.context)
+
+    def reference(self) -> Callable[[], Any]:
+        from kernels import reference_all_to_all_gemm
+
+        return lambda: reference_all_to_all_gemm(self.x, self.weight, self.group)
+
+
+class GemmReduceScatterTarget(Target):
+    """``kernels.gemm_reduce_scatter`` in this rank's OTP group (otp > 1): A is the all-to-all's
+    receive buffer ``[g, otp * ceil(T / tp), K_l]``, W this rank's K-shard ``[N, g * K_l]``."""
+
+    kernel = "gemm_reduce_scatter"
+
+    def __init__(self, problem: Problem, groups: Any, seed: int = 0):
+        super().__init__(problem, groups, seed)
+        p = problem
+        self.group = groups.otp_group
+        self.rows_per_rank = -(-p.tokens // p.tp)
+        self.a = self._randn(p.group_size, p.otp * self.rows_per_rank, p.k_local)
+        self.weight = self._randn(p.n, p.gemm_k, scale=p.gemm_k ** -0.5)
+
+    def build(self, config: Any) -> Callable[[], Any]:
+        from kernels.gemm_reduce_scatter import gemm_reduce_scatter
+
+        if self.a.shape[1]:
+            gemm(self.a, self.weight, config=config["gemm"])
+        chunks = config["chunks"]
+        return lambda: gemm_reduce_scatter(self.a, self.weight, self.group, chunks=chunks, config=config["gemm"])
+
+    def reference(self) -> Callable[[], Any]:
+        from kernels.collectives import reduce_scatter_single
+
+        p = self.problem
+        flat_k = p.gemm_k
+        out = torch.empty(self.rows_per_rank, p.n, dtype=self.dtype, device=self.device)
+
+        def run():
+            a = self.a.transpose(0, 1).reshape(-1, flat_k)  # vllm-ascend's copy
+            partial = torch.matmul(a, self.weight.t())
+            if self.group is None:
+                out.copy_(partial)
+            else:
+                reduce_scatter_single(out, partial, group=self.group)
+            return out
+
+        return run
+
+
+class OSharedPrefetchTarget(Target):
+    """One pass over an o_shared series of L layers (`fc2.shared_weights.SharedWeightSeries`, the
+    broadcast transport, in a weight-traffic group of its own per sharing group, as
+    `setup_oproj_series` makes), each layer: attention stand-in, ``reach_layer``, ``wait_weight``,
+    o_proj (torch: ``[ceil(T / G), K] @ W_o.T``), MLP stand-in. The stand-in is bench_prefetch's
+    (real matmuls), calibrated to ``problem.layer_compute_ms`` per layer (max over ranks, so every
+    rank runs the same count). The reference is the same pass with every W_o replicated.
+
+    Unlike the GEMM targets, ``build`` is collective: it finalizes the series (first broadcasts).
+    Its checks (the prefetch range) are local and identical on every rank and run first, and the
+    space screens them before any measurement. ``trial_details`` gives the exposed wait (time in
+    ``wait_weight``) as a fraction of the pass and the W_o bytes this rank holds.
+    """
+
+    kernel = "oshared_prefetch"
+    STAND_IN_DIM = 256
+
+    def __init__(self, problem: Problem, groups: Any, seed: int = 0):
+        import torch.distributed as dist
+
+        from bench.bench_prefetch import calibrate_stand_in
+
+        super().__init__(problem, groups, seed)
+        p = problem
+        self.ranks = list(groups.sharing_ranks)
+        self.group = None
+        for ranks in groups.layout.sharing_groups:  # collective: every rank makes every group, in order
+            made = dist.new_group(list(ranks))
+            if dist.get_rank() in ranks:
+                self.group = made
+        self.weights = [self._randn(p.n, p.shard_k, scale=p.shard_k ** -0.5) for _ in range(p.layers)]
+        self.x = self._randn(-(-p.tokens // len(self.ranks)), p.shard_k)
+        self.modules = []
+        for weight in self.weights:
+            module = nn.Module()
+            module.weight = nn.Parameter(weight, requires_grad=False)
+            self.modules.append(module)
+        self.blocks = [(torch.randn(self.STAND_IN_DIM, self.STAND_IN_DIM, generator=self.generator)
+                        / self.STAND_IN_DIM ** 0.5).to(self.device) for _ in range(2)]
+        reps, self.rep_ms = calibrate_stand_in(self.blocks, p.layer_compute_ms)
+        reps_tensor = torch.tensor([reps], dtype=torch.int64)
+        dist.all_reduce(reps_tensor, op=dist.ReduceOp.MAX)
+        self.reps = int(reps_tensor.item())
+        self.series = None
+        self.samples: list = []  # (wait ms, pass ms) per call of the current config
+
+    def _pass(self, weight_of, reach) -> torch.Tensor:
+        from bench.bench_prefetch import stand_in
+
+        attention, mlp = self.reps // 2, self.reps - self.reps // 2
+        waited, start = 0.0, time.perf_counter()
+        y = None
+        for layer in range(self.problem.layers):
+            stand_in(self.blocks, attention)
+            reach(layer)
+            before = time.perf_counter()
+            weight = weight_of(layer)
+            platform.synchronize()  # on a device the wait is on the stream: count it here
+            waited += time.perf_counter() - before
+            y = self.x @ weight.t()
+            stand_in(self.blocks, mlp)
+        platform.synchronize()
+        self.samples.append((waited * 1000.0, (time.perf_counter() - start) * 1000.0))
+        return y
+
+    def build(self, config: Any) -> Callable[[], Any]:
+        from fc2.shared_weights import SharedWeightSeries
+
+        self._close_series()
+        series = SharedWeightSeries(self.group, self.ranks, prefetch_step=int(config), start_layer=0,
+                                    num_layers=self.problem.layers, name="autotune o_proj")
+        for layer, module in enumerate(self.modules):
+            module.weight = nn.Parameter(self.weights[layer], requires_grad=False)
+            series.register(module, layer)
+        series.finalize()
+        self.series, self.samples = series, []
+        return lambda: self._pass(series.wait_weight, series.reach_layer)
+
+    def trial_details(self) -> dict:
+        """This rank's view of the config just measured (the runner takes the max over ranks): the
+        median over its passes (warm-up included) of wait / pass time, and the W_o bytes held."""
+        fractions = [w / t for w, t in self.samples if t > 0]
+        return {"exposed_wait_fraction": statistics.median(fractions) if fractions else None,
+                "wo_bytes_per_rank": self.series.memory().total_bytes if self.series is not None else None}
+
+    def reference(self) -> Callable[[], Any]:
+        self._close_series()
+        return lambda: self._pass(lambda layer: self.weights[layer], lambda layer: None)
+
+    def _close_series(self) -> None:
+        if self.series is not None:
+            self.series.close()  # drains the transfers in flight: the same on every rank
+            self.series = None
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        self._close_series()
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
+
+TARGETS = {"all_to_all_gemm": A2AGemmTarget, "gemm_reduce_scatter": GemmReduceScatterTarget,
+           "oshared_prefetch": OSharedPrefetchTarget}

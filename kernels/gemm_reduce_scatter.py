@@ -1,0 +1,209 @@
+"""GEMM + reduce-scatter: ``out = reduce_scatter_group(A @ W^T) (+ bias)``, plain or pipelined.
+
+FlashComm2 with o_proj TP (o > 1) ends with this: every rank of an OTP group of size S multiplies
+its rows by its K-shard of W_o (a partial sum) and the group sums the partials, each rank keeping
+its own ``c`` rows:
+
+    out_d[j, n] = sum_{ranks} sum_k A[row(d, j), k] * W[n, k]  (+ bias[n], once)   d = group rank
+
+A is ``[M, K]`` or in all-to-all receive layout ``[S_src, M, K/S_src]`` (any strides: read in place
+by the receive-layout GEMM), ``M = S * c``. Its rows are in *pipeline order* for ``chunks`` chunks:
+``[0, c)`` is cut into consecutive chunks (`chunk_bounds`), and chunk q's rows for destinations
+0..S-1 come one after another — ``[chunk 0: dest 0 rows, dest 1 rows, ...][chunk 1: ...]``. With
+``chunks = 1`` that is plain destination-major order (``reduce_scatter``'s own layout).
+`pipeline_row_order` gives the permutation, so a producer can lay its rows out this way for free
+(FlashComm2's all-to-all send buffer is reordered anyway).
+
+Paths:
+
+- plain (``chunks = 1``): one GEMM ``[M, N]``, one reduce-scatter.
+- pipelined (``chunks > 1``): for each chunk, one GEMM launch over the chunk's ``S * len_q``
+  contiguous rows, then its reduce-scatter is issued asynchronously (``async_op=True``) straight
+  into rows ``[start_q, end_q)`` of ``out``; the next chunk's GEMM runs while it is in flight. All
+  handles are waited at the end (on NPU / GPU the wait orders the compute stream after the
+  communication). Same collectives, in the same order, on every rank.
+
+The bias is added once: by group rank 0's partial. Arguments are checked before any collective,
+identically on every rank; ``A``'s shape and ``chunks`` must be equal on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import platform
+from .collectives import reduce_scatter_single
+from .gemm_config import GemmConfig
+from .recv_gemm import SUPPORTED_DTYPES, gemm
+
+#: Rows per rank below which the heuristic uses the plain path: at decode sizes one collective
+#: costs less than the overlap can save (latency-bound).
+PIPELINE_MIN_ROWS = 64
+
+
+def chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
+    """``[0, rows)`` cut into ``min(chunks, rows)`` consecutive ranges, the first ones longer."""
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"chunks={chunks!r}: expected an integer >= 1")
+    count = min(chunks, rows)
+    bounds, start = [], 0
+    for q in range(count):
+        length = rows // count + (1 if q < rows % count else 0)
+        bounds.append((start, start + length))
+        start += length
+    return bounds
+
+
+def pipeline_row_order(rows_per_rank: int, size: int, chunks: int) -> list[int]:
+    """Position p of the pipeline order holds destination-major row ``order[p]`` (= d*c + j)."""
+    order = []
+    for start, end in chunk_bounds(rows_per_rank, chunks):
+        for d in range(size):
+            order += range(d * rows_per_rank + start, d * rows_per_rank + end)
+    return order
+
+
+def pipeline_positions(
+    rows_per_rank: int, size: int, chunks: int, dest: torch.Tensor, row: torch.Tensor
+) -> torch.Tensor:
+    """Position in pipeline order of destination ``dest``'s row ``row`` (elementwise, int64).
+
+    The inverse of `pipeline_row_order`, vectorised (a caller places T tokens without a Python
+    loop): chunk q (rows ``[start_q, start_q + len_q)`` of every destination) begins at
+    ``size * start_q``, and destination d's rows within it at ``d * len_q``."""
+    count = min(chunks, rows_per_rank)
+    if count == 0 or row.numel() == 0:
+        return torch.zeros_like(row)
+    base, extra = divmod(rows_per_rank, count)
+    long_rows = extra * (base + 1)  # the first `extra` chunks are base + 1 rows long
+    in_long = row < long_rows
+    start = torch.where(
+        in_long, (row // (base + 1)) * (base + 1), long_rows + ((row - long_rows) // max(base, 1)) * base
+    )
+    length = torch.where(in_long, base + 1, base)
+    return size * start + dest * length + (row - start)
+
+
+def default_rs_chunks(rows_per_rank: int, n: int, size: int, device: str) -> int:
+    """The heuristic used until a tuned table says otherwise (same inputs -> same answer everywhere).
+
+    - One rank, or fewer than ``PIPELINE_MIN_ROWS`` rows per rank (decode): 1, the plain path.
+    - Otherwise 2 chunks, 4 from 512 rows per rank (prefill): enough to hide most of the
+      reduce-scatter behind the GEMM while every chunk's GEMM still fills the cores.
+    """
+    if size == 1 or rows_per_rank < PIPELINE_MIN_ROWS:
+        return 1
+    return 4 if rows_per_rank >= 512 else 2
+
+
+def _validate(a, weight, bias, chunks, out, size: int) -> torch.Tensor:
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"a: expected a torch.Tensor, got {type(a).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if a.dim() == 2:
+        blocks = a.unsqueeze(0)
+    elif a.dim() == 3:
+        blocks = a
+    else:
+        raise ValueError(f"a: expected [M, K] or [S, M, K/S], got shape {tuple(a.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-d [N, K] tensor, got shape {tuple(weight.shape)}")
+    if blocks.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"a: dtype {blocks.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
+    if weight.dtype != blocks.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from a's {blocks.dtype}")
+    if weight.device != blocks.device:
+        raise ValueError(f"weight: on {weight.device}, a on {blocks.device}; expected the same device")
+    s_src, m, k_s = blocks.shape
+    if weight.shape[1] != s_src * k_s:
+        raise ValueError(
+            f"weight: expected {s_src * k_s} columns (a's K), got shape {tuple(weight.shape)}"
+        )
+    if m % size:
+        raise ValueError(f"a: {m} rows is not a multiple of the group size {size} (M = S * rows per rank)")
+    n = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+        if bias.dtype != blocks.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} differs from a's {blocks.dtype}")
+    chunk_bounds(m // size, chunks)  # validates chunks
+    if out is not None:
+        if tuple(out.shape) != (m // size, n) or out.dtype != blocks.dtype or not out.is_contiguous():
+            raise ValueError(
+                f"out: expected a contiguous {(m // size, n)} {blocks.dtype} tensor, got "
+                f"{tuple(out.shape)} {out.dtype}{'' if out.is_contiguous() else ' (not contiguous)'}"
+            )
+    return blocks
+
+
+def gemm_reduce_scatter(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    chunks: int = 1,
+    config: Optional[GemmConfig] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Partial GEMM on every rank of ``group``, summed and scattered: see the module docstring.
+
+    Args:
+        a: ``[M, K]`` or ``[S_src, M, K/S_src]``, rows in pipeline order for ``chunks``.
+        weight: ``[N, K]`` this rank's (K-shard of the) weight.
+        group: the group the partials are summed over (default: the world).
+        bias: ``[N]`` or None; added once (by group rank 0).
+        chunks: 1 = plain path; > 1 = pipelined (capped at the rows per rank).
+        config: tile config of the GEMM (None = `default_gemm_config`).
+        out: optional ``[M / S, N]`` contiguous output.
+
+    Returns:
+        ``[M / S, N]`` in a's dtype: this rank's rows of the summed product.
+    """
+    if dist.is_available() and dist.is_initialized():
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+    elif group is not None:
+        raise ValueError("group: given, but torch.distributed is not initialised")
+    else:
+        size, rank = 1, 0
+    blocks = _validate(a, weight, bias, chunks, out, size)
+    m = blocks.shape[1]
+    rows = m // size
+    n = weight.shape[0]
+    if out is None:
+        out = torch.empty((rows, n), dtype=blocks.dtype, device=blocks.device)
+    if m == 0 or n == 0:
+        return out
+    own_bias = bias if rank == 0 else None
+    if size == 1:
+        return gemm(blocks, weight, own_bias, out=out, config=config)
+    bounds = chunk_bounds(rows, chunks)
+    partial = torch.empty((m, n), dtype=blocks.dtype, device=blocks.device)
+    if len(bounds) == 1:
+        gemm(blocks, weight, own_bias, out=partial, config=config)
+        reduce_scatter_single(out, partial, group=group)
+        return out
+    pending = []
+    offset = 0
+    for start, end in bounds:
+        span = slice(offset, offset + size * (end - start))
+        gemm(blocks[:, span], weight, own_bias, out=partial[span], config=config)
+        pending.append(reduce_scatter_single(out[start:end], partial[span], group=group, async_op=True))
+        offset = span.stop
+    for handle in pending:
+        handle.wait()
+    return out
+
+
+def plan_chunks(rows_per_rank: int, n: int, size: int, requested: Optional[int] = None) -> int:
+    """``requested`` if given, else `default_rs_chunks` for this device (one place for the rule)."""
+    if requested is not None:
+        return requested
+    return default_rs_chunks(rows_per_rank, n, size, platform.device_kind())

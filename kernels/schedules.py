@@ -1,0 +1,207 @@
+"""The overlapped schedules of `all_to_all_gemm`: ``chunked``, ``ring`` and ``pull``.
+
+Each takes one validated call (`kernels.all_to_all_gemm._Call`: x ``[T, K_l]``, the full weight
+``[N, S*K_l]``, group rank r, chunk ``c = ceil(T/S)``) and returns rows ``[r*c, r*c + c)`` of the
+dense product, zero past T. State (communication stream, workspaces, heap) comes from the call's
+`A2AGemmContext`; without one, ``chunked`` and ``ring`` make a context for the call (on a device
+that means a new stream per call: pass a context to reuse it). Every decision that shapes the
+collectives (sub-chunk count, step order, which transfers are empty) is computed from values
+every rank shares (T, S, K_l, ``config.chunks``), so all ranks issue the same collectives in the
+same order.
+
+- ``chunked``: my chunk's c rows are cut into ``q = ceil(c / ceil(c / chunks))`` sub-chunks (at
+  most ``chunks``, at most c, none empty). The all-to-all of sub-chunk i+1 is in flight while the
+  receive-layout GEMM multiplies sub-chunk i straight from its receive buffer ``[S, rows, K_l]``.
+  The send side packs each sub-chunk's S row slices of x into one buffer (``all_to_all_single``
+  takes one contiguous input; gloo's list ``all_to_all`` needs equal sizes): T*K_l elements per
+  call in all, the volume that is sent anyway. Send and receive buffers alternate between two.
+- ``ring``: K is split by source rank. Step 0 multiplies my own head block (no communication)
+  into an fp32 accumulator; step t = 1..S-1 receives the block of source ``r - t`` and sends mine
+  to ``r + t`` (``batch_isend_irecv``; step t+1's transfer is in flight during step t's GEMM) and
+  adds ``block @ W[:, src]^T`` into the accumulator (``gemm(..., accumulate=True)``). One cast at
+  the end (none for fp32, which accumulates in the output itself). A step with nothing to send
+  or receive on a rank skips the batch there, so on a device backend the context's first ring
+  call starts with one barrier (`_ensure_communicator`: NCCL's first-batch rule).
+- ``pull``: no all-to-all. x goes into this call's slot of the context's symmetric heap (or is
+  already there: `A2AGemmContext.input_buffer`), one barrier says every peer's x is written, and
+  the pull GEMM (`kernels.pull_gemm`) loads each A tile from the peer that owns it. See
+  `kernels.a2a_context` for why one barrier and two slots make reuse safe.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .a2a_context import A2AGemmContext
+from .pull_gemm import pull_gemm
+from .recv_gemm import gemm
+
+if TYPE_CHECKING:  # the registry lives in all_to_all_gemm, which imports this module
+    from .all_to_all_gemm import _Call
+
+
+def _context_for(call: "_Call") -> A2AGemmContext:
+    return call.context if call.context is not None else A2AGemmContext(call.group)
+
+
+def _global_rank(group: Optional[dist.ProcessGroup], group_rank: int) -> int:
+    if group is None or group is dist.group.WORLD:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
+
+def _ensure_communicator(context: A2AGemmContext, group: Optional[dist.ProcessGroup]) -> None:
+    """Before a context's first ``ring``: on a device backend, one barrier on the group.
+
+    NCCL (and HCCL) create a group's communicator lazily, at its first operation, and when that
+    first operation is a ``batch_isend_irecv`` every rank of the group must take part in it (the
+    ``torch.distributed.batch_isend_irecv`` documentation). ``ring`` skips the batch on a rank
+    with no transfer in a step (uneven T), so a barrier first makes the communicator exist. Gloo
+    has no such rule. Every rank runs the same schedules on a context in the same order, so every
+    rank reaches this barrier at the same call. Unverified on NCCL / HCCL (no device here)."""
+    if context.p2p_ready:
+        return
+    if dist.get_backend(group) != "gloo":
+        dist.barrier(group=group)
+    context.p2p_ready = True
+
+
+def _releases_heap_on_error(schedule: Callable[["_Call"], torch.Tensor]) -> Callable[["_Call"], torch.Tensor]:
+    """A failure inside a schedule is a failed collective (input was validated before): the
+    peers may be gone, so the context's heap is released and later ``pull`` calls refuse."""
+
+    @functools.wraps(schedule)
+    def run(call: "_Call") -> torch.Tensor:
+        try:
+            return schedule(call)
+        except BaseException as error:
+            if call.context is not None and call.context.heap is not None:
+                call.context.fail(error)
+            raise
+
+    return run
+
+
+def _local_only(call: "_Call", out: torch.Tensor) -> torch.Tensor:
+    """A group of one has nothing to communicate: one GEMM over x."""
+    m = call.rows(0)
+    if m:
+        gemm(call.x, call.weight, call.bias, out=out[:m], config=call.config.gemm)
+    return out
+
+
+@_releases_heap_on_error
+def chunked(call: "_Call") -> torch.Tensor:
+    out = call.new_output()
+    size, rank, chunk = call.size, call.rank, call.chunk
+    if chunk == 0:
+        return out
+    if size == 1:
+        return _local_only(call, out)
+    x = call.x if call.x.is_contiguous() else call.x.contiguous()
+    k_local = x.shape[1]
+    sub = -(-chunk // min(call.config.chunks, chunk))  # rows per sub-chunk
+    count = -(-chunk // sub)
+    context = _context_for(call)
+    receive = [context.workspace(f"chunked.recv{b}", (size * sub, k_local), x.dtype, x.device) for b in range(2)]
+    send = [context.workspace(f"chunked.send{b}", (size * sub, k_local), x.dtype, x.device) for b in range(2)]
+
+    def piece(p: int, i: int) -> int:
+        """Rows of sub-chunk i of token chunk p (0 past the end of T)."""
+        return max(0, min(sub, call.rows(p) - i * sub))
+
+    def issue(i: int) -> Callable[[], list]:
+        # Pack sub-chunk i's S pieces (row slices of x) into one send buffer: all_to_all_single
+        # needs one contiguous input, and gloo's list all_to_all needs equal sizes. The buffer
+        # packed here was last read by transfer i-2, which the compute stream has waited for.
+        pieces = [piece(p, i) for p in range(size)]
+        mine = pieces[rank]
+        packed = send[i % 2][: sum(pieces)]
+        torch.cat([x[p * chunk + i * sub : p * chunk + i * sub + pieces[p]] for p in range(size)], out=packed)
+        received = receive[i % 2][: size * mine]
+        return lambda: [dist.all_to_all_single(received, packed, [mine] * size, pieces, group=call.group, async_op=True)]
+
+    pending = context.lane.start(issue(0))
+    for i in range(count):
+        following = context.lane.start(issue(i + 1)) if i + 1 < count else None
+        pending.wait()
+        mine = piece(rank, i)
+        if mine:
+            blocks = receive[i % 2][: size * mine].view(size, mine, k_local)  # receive layout
+            gemm(blocks, call.weight, call.bias, out=out[i * sub : i * sub + mine], config=call.config.gemm)
+        pending = following
+    return out
+
+
+@_releases_heap_on_error
+def ring(call: "_Call") -> torch.Tensor:
+    out = call.new_output()
+    size, rank, chunk = call.size, call.rank, call.chunk
+    if chunk == 0:
+        return out
+    if size == 1:
+        return _local_only(call, out)
+    x = call.x if call.x.is_contiguous() else call.x.contiguous()
+    k_local = x.shape[1]
+    m = call.rows(rank)
+    context = _context_for(call)
+    _ensure_communicator(context, call.group)
+    weight = call.weight
+    if x.dtype == torch.float32:
+        acc = out[:m]  # accumulate in the output itself: nothing to cast
+    else:
+        acc = context.workspace("ring.acc", (m, weight.shape[0]), torch.float32, x.device)
+    buffers = [context.workspace(f"ring.recv{b}", (m, k_local), x.dtype, x.device) for b in range(2)]
+
+    def issue(step: int) -> Callable[[], list]:
+        destination, source = (rank + step) % size, (rank - step) % size
+        ops = []
+        sending = call.rows(destination)  # the destination's rows of my heads
+        if sending:
+            block = x[destination * chunk : destination * chunk + sending]
+            ops.append(dist.P2POp(dist.isend, block, _global_rank(call.group, destination), call.group))
+        if m:
+            ops.append(dist.P2POp(dist.irecv, buffers[step % 2], _global_rank(call.group, source), call.group))
+        return lambda: dist.batch_isend_irecv(ops) if ops else []
+
+    def block_weight(source: int) -> torch.Tensor:
+        return weight[:, source * k_local : (source + 1) * k_local]
+
+    pending = context.lane.start(issue(1))
+    if m:  # step 0: my own heads, no communication
+        gemm(x[rank * chunk : rank * chunk + m], block_weight(rank), call.bias, out=acc, config=call.config.gemm)
+    for step in range(1, size):
+        following = context.lane.start(issue(step + 1)) if step + 1 < size else None
+        pending.wait()
+        if m:
+            gemm(buffers[step % 2], block_weight((rank - step) % size), out=acc, accumulate=True, config=call.config.gemm)
+        pending = following
+    if m and acc.data_ptr() != out.data_ptr():
+        out[:m].copy_(acc)
+    return out
+
+
+@_releases_heap_on_error
+def pull(call: "_Call") -> torch.Tensor:
+    context = call.context  # all_to_all_gemm checked it has a heap that fits, before any collective
+    out = call.new_output()
+    if call.chunk == 0:
+        return out
+    view, peers = context.stage_pull_input(call.x)
+    context.heap.barrier()  # every peer's x for this call is in its slot
+    m = call.rows(call.rank)
+    if m:
+        pull_gemm(
+            peers, view.stride(), call.rank * call.chunk, m, call.weight, call.bias,
+            out=out[:m], s_start=call.rank, config=call.config.gemm,
+        )
+    context.finish_pull()
+    return out
+
+
+#: name -> schedule function, merged into `kernels.all_to_all_gemm.SCHEDULES`.
+OVERLAPPED_SCHEDULES = {"chunked": chunked, "ring": ring, "pull": pull}
