@@ -174,6 +174,10 @@ def _cubin_resources(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
 KERNEL_MODULES = ("kernels.recv_gemm", "kernels.pull_gemm", "kernels.peer_copy", "kernels.peer_weight_gemm")
 
 
+#: Modules of ``@triton.jit`` helpers: inlined into the kernels above and lowered with them.
+HELPER_MODULES = ("tiles",)
+
+
 def all_lowering_cases(target: str) -> list:
     """(case id, KernelSpec) of every kernel over every config it may run with on ``target``."""
     import importlib
@@ -186,7 +190,7 @@ def all_lowering_cases(target: str) -> list:
 
 
 def jit_kernels_defined() -> dict:
-    """Every ``@triton.jit`` function defined in the `kernels` package, by qualified name."""
+    """Every ``@triton.jit`` kernel defined in the `kernels` package (helpers excluded), by name."""
     import importlib
     import pkgutil
 
@@ -196,6 +200,8 @@ def jit_kernels_defined() -> dict:
 
     found = {}
     for info in pkgutil.iter_modules(kernels.__path__):
+        if info.name in HELPER_MODULES:
+            continue
         module = importlib.import_module(f"kernels.{info.name}")
         for attr, value in vars(module).items():
             if isinstance(value, (JITFunction, InterpretedFunction)) and value.fn.__module__ == module.__name__:

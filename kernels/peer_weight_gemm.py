@@ -28,6 +28,7 @@ import triton.language as tl
 from . import platform
 from .gemm_config import GemmConfig, default_gemm_config
 from .recv_gemm import SUPPORTED_DTYPES, _as_source_blocks, kernel_constexprs, launch_options
+from .tiles import grouped_tile, load_tile_pair, store_tile
 
 INT32_LIMIT = 2**31
 
@@ -75,11 +76,7 @@ def peer_weight_gemm_kernel(
     num_tiles = num_pid_m * num_pid_n
     k_steps = tl.cdiv(K_S, BLOCK_K)
     for tile in range(pid, num_tiles, num_programs):
-        tiles_per_group = GROUP_M * num_pid_n
-        first_m = (tile // tiles_per_group) * GROUP_M
-        group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % tiles_per_group) % group_rows
-        pid_n = (tile % tiles_per_group) // group_rows
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -91,22 +88,9 @@ def peer_weight_gemm_kernel(
             kk = (step % k_steps) * BLOCK_K + rk
             a_ptrs = a_ptr + s * stride_as + rm[:, None] * stride_am + kk[None, :] * stride_ak
             w_ptrs = w_ptr + rn[:, None] * stride_wn + (s * K_S + kk)[None, :]
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-            else:
-                mask_k = kk < K_S
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            a, w = load_tile_pair(a_ptrs, w_ptrs, mask_m, mask_n, kk, K_S, EVEN_K)
             acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rn, mask=mask_n, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-        mask_c = mask_m[:, None] & mask_n[None, :]
-        if ACCUMULATE:
-            acc += tl.load(c_ptrs, mask=mask_c, other=0.0)
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+        store_tile(acc, c_ptr, bias_ptr, rm, rn, mask_m, mask_n, stride_cm, stride_cn, HAS_BIAS, ACCUMULATE)
 
 
 def peer_weight_gemm(
