@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from bench.launch import run_on_ranks
 
 PRESETS = {
     # name: (hidden size N, heads x v_head_dim K, the TP this shape is deployed with)
@@ -182,52 +181,8 @@ def _gemm_vs_matmul(args) -> list[dict]:
     return results
 
 
-def _init_from_env() -> None:
-    import torch
-    import torch.distributed as dist
-
-    from kernels import platform
-
-    backend = platform.collective_backend()
-    if platform.device_kind() != "cpu":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        getattr(torch, platform.device_kind()).set_device(local)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=600))
-
-
-def _spawned(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    _init_from_env()
-    rows = _bench_rank(args)
-    if rank == 0:
-        queue.put(rows)
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
-
-
 def run(args) -> list[Row]:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
-        _init_from_env()
-        return _bench_rank(args)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    procs = [context.Process(target=_spawned, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    rows = queue.get(timeout=args.timeout)
-    for p in procs:
-        p.join(timeout=60)
-    if any(p.exitcode for p in procs):
-        raise SystemExit(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}")
-    return rows
+    return run_on_ranks(_bench_rank, args, world_size=args.world_size, timeout=args.timeout)
 
 
 def print_table(rows: list[Row], title: str) -> None:

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+
+from bench.launch import run_on_ranks
 
 
 @dataclass
@@ -236,55 +235,8 @@ def _bench_rank(args) -> list[Row]:
     return rows
 
 
-def _init_from_env() -> None:
-    import torch
-    import torch.distributed as dist
-
-    from kernels import platform
-
-    if platform.device_kind() != "cpu":
-        getattr(torch, platform.device_kind()).set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(platform.collective_backend(), timeout=datetime.timedelta(seconds=600))
-
-
-def _spawned(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(args.threads)
-    _init_from_env()
-    try:
-        rows = _bench_rank(args)
-        if rank == 0:
-            queue.put(rows)
-    finally:
-        dist.destroy_process_group()
-
-
 def run(args) -> list[Row]:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
-        _init_from_env()
-        return _bench_rank(args)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    procs = [context.Process(target=_spawned, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    try:
-        rows = queue.get(timeout=args.timeout)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    if any(p.exitcode for p in procs):
-        raise SystemExit(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}")
-    return rows
+    return run_on_ranks(_bench_rank, args, world_size=args.world_size, timeout=args.timeout, threads=args.threads)
 
 
 def print_table(rows: list[Row], title: str) -> None:

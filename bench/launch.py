@@ -1,0 +1,71 @@
+"""Run one benchmark function on every rank: spawned local ranks, or the ranks torchrun started.
+
+``bench_fn(args) -> rows`` must be a module-level function (spawned processes import it); it
+runs on every rank inside an initialised process group and rank 0's rows are returned.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import socket
+from typing import Callable, Optional
+
+
+def init_from_env() -> None:
+    """Join the process group described by RANK / WORLD_SIZE / MASTER_* (torchrun's variables),
+    with the device's collective backend, on the device LOCAL_RANK names."""
+    import torch
+    import torch.distributed as dist
+
+    from kernels import platform
+
+    if platform.device_kind() != "cpu":
+        getattr(torch, platform.device_kind()).set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(platform.collective_backend(), timeout=datetime.timedelta(seconds=600))
+
+
+def _spawned(rank: int, world: int, port: int, bench_fn: Callable, args, threads: int, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    init_from_env()
+    try:
+        rows = bench_fn(args)
+        if rank == 0:
+            queue.put(rows)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(bench_fn: Callable, args, *, world_size: int, timeout: float, threads: Optional[int] = None) -> list:
+    """``bench_fn(args)`` on every rank; rank 0's result. Under torchrun, this process is a rank."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        init_from_env()
+        return bench_fn(args)
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    procs = [
+        context.Process(target=_spawned, args=(r, world_size, port, bench_fn, args, threads, queue))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        rows = queue.get(timeout=timeout)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}")
+    return rows
