@@ -31,7 +31,7 @@ import torch.distributed as dist
 from . import platform
 from .a2a_context import A2AGemmContext, normalized_group, pull_unavailable
 from .gemm_config import GemmConfig
-from .recv_gemm import SUPPORTED_DTYPES, gemm
+from .recv_gemm import check_operands, gemm
 from .schedules import OVERLAPPED_SCHEDULES
 
 
@@ -212,35 +212,15 @@ def _validate_pull(context: Optional[A2AGemmContext], x: torch.Tensor) -> None:
 def _validate(
     x: Any, weight: Any, bias: Any, schedule: Any, config: Any, size: int
 ) -> A2AGemmConfig:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    check_operands("x", x, weight, bias)
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-d [T, K_l] tensor, got shape {tuple(x.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected a 2-d [N, S*K_l] tensor, got shape {tuple(weight.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x: dtype {x.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight: on {weight.device}, x on {x.device}; expected the same device")
     k_l = x.shape[1]
     if weight.shape[1] != size * k_l:
         raise ValueError(
             f"weight: expected {size * k_l} columns (group size {size} x K_l {k_l}, all heads in "
             f"global head order), got shape {tuple(weight.shape)}"
         )
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} differs from x's {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias: on {bias.device}, x on {x.device}; expected the same device")
     if schedule != "auto" and schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
     if config is None:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from . import platform
 from .collectives import reduce_scatter_single
 from .gemm_config import GemmConfig
-from .recv_gemm import SUPPORTED_DTYPES, gemm
+from .recv_gemm import _as_source_blocks, check_operands, gemm
 
 #: Rows per rank below which the heuristic uses the plain path: at decode sizes one collective
 #: costs less than the overlap can save (latency-bound).
@@ -100,24 +100,8 @@ def default_rs_chunks(rows_per_rank: int, n: int, size: int, device: str) -> int
 
 
 def _validate(a, weight, bias, chunks, out, size: int) -> torch.Tensor:
-    if not isinstance(a, torch.Tensor):
-        raise TypeError(f"a: expected a torch.Tensor, got {type(a).__name__}")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
-    if a.dim() == 2:
-        blocks = a.unsqueeze(0)
-    elif a.dim() == 3:
-        blocks = a
-    else:
-        raise ValueError(f"a: expected [M, K] or [S, M, K/S], got shape {tuple(a.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected a 2-d [N, K] tensor, got shape {tuple(weight.shape)}")
-    if blocks.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"a: dtype {blocks.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
-    if weight.dtype != blocks.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} differs from a's {blocks.dtype}")
-    if weight.device != blocks.device:
-        raise ValueError(f"weight: on {weight.device}, a on {blocks.device}; expected the same device")
+    check_operands("a", a, weight, bias)
+    blocks = _as_source_blocks(a)
     s_src, m, k_s = blocks.shape
     if weight.shape[1] != s_src * k_s:
         raise ValueError(
@@ -126,13 +110,6 @@ def _validate(a, weight, bias, chunks, out, size: int) -> torch.Tensor:
     if m % size:
         raise ValueError(f"a: {m} rows is not a multiple of the group size {size} (M = S * rows per rank)")
     n = weight.shape[0]
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.dim() != 1 or bias.shape[0] != n:
-            raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
-        if bias.dtype != blocks.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} differs from a's {blocks.dtype}")
     chunk_bounds(m // size, chunks)  # validates chunks
     if out is not None:
         if tuple(out.shape) != (m // size, n) or out.dtype != blocks.dtype or not out.is_contiguous():

@@ -81,6 +81,34 @@ def _as_source_blocks(a: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"a: expected [M, K] or [S, M, K/S], got a {a.dim()}-d tensor of shape {tuple(a.shape)}")
 
 
+def check_operands(a_name: str, a, weight, bias=None) -> None:
+    """The argument checks every GEMM launcher shares (ours name their A operand ``a`` or ``x``):
+    tensors, a 2-d weight ``[N, K]``, a supported dtype common to all, one device, a ``[N]`` bias.
+    Shape rules specific to a launcher (A's rank, K) stay with the launcher."""
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{a_name}: expected a torch.Tensor, got {type(a).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-d [N, K] tensor, got shape {tuple(weight.shape)}")
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{a_name}: dtype {a.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
+    if weight.dtype != a.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from {a_name}'s {a.dtype}")
+    if weight.device != a.device:
+        raise ValueError(f"weight: on {weight.device}, {a_name} on {a.device}; expected the same device")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.dtype != a.dtype:
+        raise TypeError(f"bias: dtype {bias.dtype} differs from {a_name}'s {a.dtype}")
+    if bias.device != a.device:
+        raise ValueError(f"bias: on {bias.device}, {a_name} on {a.device}; expected the same device")
+
+
 def gemm(
     a: torch.Tensor,
     weight: torch.Tensor,
@@ -97,21 +125,14 @@ def gemm(
     given. With ``accumulate=True``, ``out`` must be a float32 tensor and the product is added to
     it (``bias``, if any, is added too: pass it on one call only).
     """
+    check_operands("a", a, weight, bias)
     blocks = _as_source_blocks(a)
     s, m, k_s = blocks.shape
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected a 2-d [N, K] tensor, got shape {tuple(weight.shape)}")
     n, k = weight.shape
     if k != s * k_s:
         raise ValueError(
             f"weight: expected {s * k_s} columns (S={s} source blocks x K/S={k_s}), got shape {tuple(weight.shape)}"
         )
-    if blocks.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"a: dtype {blocks.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
-    if weight.dtype != blocks.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} differs from a's {blocks.dtype}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
-        raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
     for name, t in (("a", blocks), ("weight", weight), ("out", out)):
         if t is not None and t.numel() >= INT32_LIMIT:
             raise ValueError(f"{name}: {t.numel()} elements; the kernel indexes with int32 (< 2**31)")
