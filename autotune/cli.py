@@ -6,6 +6,7 @@
         --storage postgresql://tuner:secret@db:5432/fc2 --cluster h200-x2
     python -m autotune --model /models/Qwen3-32B/config.json --out results/qwen --resume
     python -m autotune --model deepseek-v3 --world-size 16 --oshared --layer-compute-ms 0.6  # + prefetch_step
+    python -m autotune plan --model deepseek-v3 --tp 16 --device ascend-a3   # which mode? (no ranks, estimates)
 
 Every (kernel, token bucket) is one Optuna study in the storage (``--storage``, default an SQLite
 file in ``--out``); the best config of each bucket is exported to ``<out>/tables`` (point
@@ -163,6 +164,11 @@ def build_options(args: argparse.Namespace, world_size: int, device_kind: str):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # `python -m autotune plan ...`: the planner (autotune.plan_cli), no ranks
+        from .plan_cli import main as plan_main
+
+        return plan_main(argv[1:])
     args = parser().parse_args(argv)
     from kernels import platform
 
