@@ -78,29 +78,30 @@ class Hardware:
         return out
 
 
-def _read_toml(path: Path, text: str) -> Any:
+def _parser(path: Path, kind: str):
+    """``(load(text), its error type)`` for "TOML" (tomllib, or tomli before Python 3.11) or "YAML"."""
     try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+        if kind == "YAML":
+            import yaml
+
+            return yaml.safe_load, yaml.YAMLError
         try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
-        except ModuleNotFoundError:
-            raise HardwareError(f"{path}: reading TOML needs Python >= 3.11 (tomllib) or the package tomli") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise HardwareError(f"{path}: not valid TOML ({error})") from None
-
-
-def _read_yaml(path: Path, text: str) -> Any:
-    try:
-        import yaml
+        return tomllib.loads, tomllib.TOMLDecodeError
     except ModuleNotFoundError:
-        raise HardwareError(f"{path}: reading YAML needs PyYAML (pip install PyYAML), or write the file as TOML") from None
+        needs = "PyYAML (pip install PyYAML), or write the file as TOML" if kind == "YAML" else \
+            "Python >= 3.11 (tomllib) or the package tomli"
+        raise HardwareError(f"{path}: reading {kind} needs {needs}") from None
+
+
+def _parse(path: Path, text: str, kind: str) -> Any:
+    load, error_type = _parser(path, kind)
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise HardwareError(f"{path}: not valid YAML ({error})") from None
+        return load(text)
+    except error_type as error:
+        raise HardwareError(f"{path}: not valid {kind} ({error})") from None
 
 
 def read_hardware_file(path: PathLike) -> dict[str, dict]:
@@ -113,7 +114,7 @@ def read_hardware_file(path: PathLike) -> dict[str, dict]:
         text = path.read_text()
     except OSError as error:
         raise HardwareError(f"--hardware {path}: cannot be read ({error})") from None
-    document = _read_toml(path, text) if suffix == ".toml" else _read_yaml(path, text)
+    document = _parse(path, text, "TOML" if suffix == ".toml" else "YAML")
     if document is None:
         document = {}
     if not isinstance(document, dict):
@@ -129,7 +130,7 @@ def read_hardware_file(path: PathLike) -> dict[str, dict]:
 
 def _shipped_document() -> dict[str, dict]:
     text = resources.files("autotune").joinpath(SHIPPED).read_text()
-    return _read_toml(Path(SHIPPED), text)
+    return _parse(Path(SHIPPED), text, "TOML")
 
 
 def known_devices() -> list[str]:
