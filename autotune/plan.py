@@ -34,6 +34,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Optional, Sequence
 
+import torch
+
 from fc2.groups import memberships
 from fc2.memory import WoMemory, model_weight_bytes
 
@@ -256,8 +258,6 @@ def wo_memory(model: ModelShape, layout: Layout, mode: Mode) -> WoMemory:
     precision = PRECISIONS[mode.precision]
     layers = layout.stage_layers(model.num_layers)
     kind = {"tp": "tp", "fc1": "tp", "fc2": "fc2", "o_shared": "o_shared"}[mode.kind]
-    import torch
-
     dtype = torch.bfloat16 if precision.name == "bf16" else precision.weight_bytes
     memory = model_weight_bytes(
         layers, model.k_total, model.hidden_size, dtype, layout.tp, mode=kind,
@@ -361,7 +361,7 @@ class Estimate:
     tokens: int
     schedule: str
     bytes_by_collective: dict[str, int]  # busiest rank
-    components_ms: dict[str, float]  # GEMM, each collective, exposure (before overlap)
+    components_ms: dict[str, float]  # the schedule's GEMMs, each collective, exposure: summed, before overlap
     total_ms: float
     overlap: str  # what the schedule overlaps, in words
     source: str = "estimate"
@@ -447,9 +447,10 @@ class CostModel:
     def _a2a_s(self, tokens: int, row_bytes: int) -> float:
         return collective_s(self.hw, self.groups(1)["tp"], lambda i, size: all_to_all_peer_bytes(tokens, size, row_bytes, i))
 
-    def _chunked_s(self, p: Precision, tokens: int, chunk: int, chunks: int, row: int) -> float:
+    def _chunked_s(self, p: Precision, tokens: int, chunk: int, chunks: int, row: int) -> tuple[float, float, float]:
         """``chunked``: ``chunks`` sub-chunks of the c rows, each its own all-to-all (sub-chunk i+1's
-        under sub-chunk i's GEMM); every sub-chunk's GEMM reads all of W_o again."""
+        under sub-chunk i's GEMM); every sub-chunk's GEMM reads all of W_o again.
+        Returns ``(total, GEMMs, transfers)`` in seconds."""
         m, hw = self.model, self.hw
         sub = -(-chunk // min(chunks, chunk))
         comms, comps = [], []
@@ -459,9 +460,9 @@ class CostModel:
                 return [0 if r == pos else rows[r] * row for r in range(size)]
             comms.append(collective_s(hw, self.groups(1)["tp"], piece))
             comps.append(gemm_s(hw, p, max(0, min(sub, chunk - q * sub)), m.hidden_size, m.k_total))
-        return pipeline_s(comms, comps)
+        return pipeline_s(comms, comps), sum(comps), sum(comms)
 
-    def _ring_s(self, p: Precision, tokens: int, chunk: int, row: int) -> float:
+    def _ring_s(self, p: Precision, tokens: int, chunk: int, row: int) -> tuple[float, float, float]:
         """``ring``: step 0 multiplies the local heads; step t receives one peer's block (point to
         point, step t+1's in flight) and accumulates into an fp32 ``[c, D]`` workspace (read and
         written every step, one cast at the end); each GEMM is only K_l deep."""
@@ -477,7 +478,7 @@ class CostModel:
                 out[(pos + step) % size] = _rows(tokens, chunk, (pos + step) % size) * row
                 return out
             p2p.append(collective_s(hw, self.groups(1)["tp"], one_peer))
-        return pipeline_s(p2p, steps)
+        return pipeline_s(p2p, steps), sum(steps), sum(p2p)
 
     def _fc2_o1(self, mode: Mode, tokens: int) -> Estimate:
         """o = 1: every schedule the tuner searches (`autotune.space`; ``pull`` needs a heap, which
@@ -494,11 +495,12 @@ class CostModel:
         sent = max(all_to_all_bytes(tokens, tp, row))
         a2a = self._a2a_s(tokens, row)
         gemm = gemm_s(hw, p, chunk, d, m.k_total)
-        times = {"sequential": a2a + gemm}
+        runs = {"sequential": (a2a + gemm, gemm, a2a)}  # (total, GEMMs, transfers) per schedule
         for chunks in sorted({A2AGemmConfig().chunks, *CHUNK_CHOICES}):
             if chunks <= chunk:
-                times[f"chunked({chunks})"] = self._chunked_s(p, tokens, chunk, chunks, row)
-        times["ring"] = self._ring_s(p, tokens, chunk, row)
+                runs[f"chunked({chunks})"] = self._chunked_s(p, tokens, chunk, chunks, row)
+        runs["ring"] = self._ring_s(p, tokens, chunk, row)
+        times = {name: run[0] for name, run in runs.items()}
         auto = choose_schedule(tokens, k_l, d, tp, self.device_kind, None, heap=False)
         if auto == "chunked":
             auto = f"chunked({min(A2AGemmConfig().chunks, chunk)})"
@@ -510,7 +512,7 @@ class CostModel:
         }[best.split("(")[0]]
         estimate = Estimate(
             mode, tokens, best if best == auto else f"{best} (tuned; untuned auto: {auto} {times[auto] * 1e3:.3g} ms)",
-            {"all_to_all": sent}, {"gemm": gemm * 1e3, "all_to_all": a2a * 1e3}, times[best] * 1e3, overlap,
+            {"all_to_all": sent}, {"gemm": runs[best][1] * 1e3, "all_to_all": runs[best][2] * 1e3}, times[best] * 1e3, overlap,
             alternatives_ms={k: v * 1e3 for k, v in times.items()}, gemm_bound=gemm_bound(hw, p, chunk, d, m.k_total),
         )
         return estimate
