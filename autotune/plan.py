@@ -438,10 +438,6 @@ class CostModel:
             self._groups[otp] = self.layout.groups(otp)
         return self._groups[otp]
 
-    @property
-    def lat_s(self) -> float:
-        return self.hw.collective_latency_us * 1e-6
-
     # -- the pieces ----------------------------------------------------------------------------
 
     def _a2a_s(self, tokens: int, row_bytes: int) -> float:
