@@ -227,3 +227,16 @@ def test_launch_fields_are_validated(fields, text):
 def test_kernel_config_drops_only_launch_fields():
     config = GemmConfig(block_m=32, num_warps=8, num_programs=7, split_k=2, tile_order="diagonal")
     assert config.kernel_config() == GemmConfig(block_m=32, num_warps=8)
+
+
+def test_pull_cost_model_counts_link_bytes():
+    from kernels.all_to_all_gemm import all_to_all_link_bytes, choose_schedule, pull_link_bytes
+
+    # DeepSeek-V3 TP16 at c = 64: the all-to-all moves 15 x 64 x 1024 bf16 = 1.97 MB per rank
+    tokens, k_local, size = 16 * 64, 1024, 16
+    assert all_to_all_link_bytes(tokens, k_local, size) == 15 * 64 * 1024 * 2
+    assert pull_link_bytes(tokens, k_local, size) == all_to_all_link_bytes(tokens, k_local, size)
+    # a GEMM reading A tiles from the peers per N tile (64-wide, N = 7168) would move 112 x that
+    assert pull_link_bytes(tokens, k_local, size, reads_per_element=7168 // 64) == 112 * 15 * 64 * 1024 * 2
+    assert choose_schedule(tokens, k_local, 7168, size, "cuda", heap=True) == "pull"
+    assert choose_schedule(tokens + size, k_local, 7168, size, "cuda", heap=True) == "chunked"
