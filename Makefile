@@ -31,7 +31,7 @@ test-numerics: $(ASCEND_ENV)/.ready
 #    for CUDA sm_90 (Triton must be imported compiled, hence TRITON_INTERPRET=0).
 test-lowering: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready
 	TRITON_INTERPRET=0 $(ASCEND_ENV)/bin/python -m pytest -q -m ascend_lowering $(PYTEST_ARGS) tests/test_lowering.py
-	TRITON_INTERPRET=0 $(CUDA_ENV)/bin/python -m pytest -q -m cuda_compile $(PYTEST_ARGS) tests/test_lowering.py
+	TRITON_INTERPRET=0 $(CUDA_ENV)/bin/python -m pytest -q -m cuda_compile $(PYTEST_ARGS) tests/test_lowering.py tests/test_gemm_compiled.py
 
 # 3. fc2 against real vLLM (its Llama model, loader, RowParallelLinear, patch_model, the general-
 #    plugin entry point) and real transformers models, in the vLLM environment (upstream Triton's

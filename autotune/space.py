@@ -2,11 +2,13 @@
 
 Nothing here restates a choice the kernels already define:
 
-- GEMM tiles, tile order, CUDA warps / stages: `kernels.gemm_config.gemm_search_space` (the
-  per-parameter choices) and `kernels.gemm_config.candidate_gemm_configs` (the combinations that
-  fit the on-chip budget and that the lowering tests compile for Ascend and CUDA). A field with one
-  choice is fixed, not searched. New fields there (a grid size, Ascend compile options) become
-  search parameters here without a change.
+- GEMM tiles, tile order, CUDA warps / stages, and the launch fields -- grid size
+  (``num_programs``: every core, or fewer to leave cores to a concurrent collective), split-K,
+  stream-K, diagonal tile order on Ascend: `kernels.gemm_config.gemm_search_space` (the
+  per-parameter choices, grid sizes from the core count of the device kind) and
+  `kernels.gemm_config.candidate_gemm_configs` (the combinations that fit the on-chip budget; the
+  lowering tests compile every kernel they imply for Ascend and CUDA). A field with one choice is
+  fixed, not searched. New fields there become search parameters here without a change.
 - Schedules: `kernels.SCHEDULES` (a new schedule is searched as soon as it registers); a
   schedule's own parameters (token sub-chunks, ...) from `schedule_parameters`.
 - The default config: `kernels.default_gemm_config` and `kernels.choose_schedule`, exactly what an

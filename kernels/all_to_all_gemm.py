@@ -137,6 +137,26 @@ PULL_MAX_ROWS = 64
 OVERLAP_MIN_ROWS = 32
 RING_MAX_GROUP = 4
 
+#: How many times ``pull`` moves each remote element of A over the link: once, since
+#: `kernels.pull_gemm` gathers the peers' rows into local memory before the GEMM. (A GEMM that
+#: loads A tiles from the peers itself reads each one once per N tile: ``ceil(N / BLOCK_N)``.)
+PULL_READS_PER_ELEMENT = 1
+
+
+def all_to_all_link_bytes(tokens: int, k_local: int, group_size: int, dtype_bytes: int = 2) -> int:
+    """Bytes the largest chunk's rank receives over links in ``sequential``'s all-to-all: ``c``
+    rows of ``K_l`` from each of the ``S - 1`` peers (uneven split sizes move no padding)."""
+    chunk = -(-tokens // group_size)
+    return (group_size - 1) * chunk * k_local * dtype_bytes
+
+
+def pull_link_bytes(
+    tokens: int, k_local: int, group_size: int, dtype_bytes: int = 2, reads_per_element: int = PULL_READS_PER_ELEMENT
+) -> int:
+    """Bytes the same rank reads from its peers' heaps in ``pull``: the same ``c x K_l`` rows of
+    every peer, ``reads_per_element`` times each."""
+    return reads_per_element * all_to_all_link_bytes(tokens, k_local, group_size, dtype_bytes)
+
 
 def choose_schedule(
     tokens: int,
@@ -159,9 +179,10 @@ def choose_schedule(
        ``pull`` without a heap, which falls through to the rules: ``auto`` never picks ``pull``
        where it cannot run.
     2. ``S == 1``: nothing to communicate: ``sequential``.
-    3. ``heap`` and ``c <= PULL_MAX_ROWS`` (decode-sized): ``pull``. It replaces the all-to-all
-       by one barrier, and the GEMM's remote loads are few: every A tile is re-read once per
-       N-tile, which is cheap for small c and a link-bandwidth sink for large c.
+    3. ``heap``, ``c <= PULL_MAX_ROWS`` (decode-sized) and the link-traffic model says ``pull``
+       moves no more than the all-to-all (`pull_link_bytes` <= `all_to_all_link_bytes`; with
+       the peers' rows gathered once that holds, so the choice comes down to latency): ``pull``.
+       One barrier replaces a collective of S - 1 messages, which is what dominates at decode.
     4. ``c < OVERLAP_MIN_ROWS``: ``sequential``. Sub-chunks below 16 rows leave the cube unit /
        tensor cores idle, and each extra collective adds latency that a small GEMM cannot hide.
     5. ``S <= RING_MAX_GROUP``: ``ring``. Its first step needs no communication (1/S of the work
@@ -175,7 +196,8 @@ def choose_schedule(
     chunk = -(-tokens // group_size)
     if group_size == 1:
         return "sequential"
-    if heap and chunk <= PULL_MAX_ROWS:
+    pull_moves_less = pull_link_bytes(tokens, k_local, group_size) <= all_to_all_link_bytes(tokens, k_local, group_size)
+    if heap and chunk <= PULL_MAX_ROWS and pull_moves_less:
         return "pull"
     if chunk < OVERLAP_MIN_ROWS:
         return "sequential"

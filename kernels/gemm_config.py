@@ -1,8 +1,13 @@
 """GEMM tile configurations: the dataclass, the documented defaults, and the autotuner's space.
 
 ``candidate_gemm_configs`` is the *only* definition of what the autotuner may pick; the lowering
-tests compile exactly this list for Ascend and CUDA, so a config that cannot be built never
-reaches a run.
+tests compile every kernel it implies (`compiled_gemm_configs`) for Ascend and CUDA, so a config
+that cannot be built never reaches a run.
+
+A config has two kinds of fields. *Kernel fields* (tile sizes, CUDA warps / stages, Ascend
+multibuffer) select a compiled kernel. *Launch fields* (`LAUNCH_FIELDS`: grid size, split-K,
+stream-K, tile order) only change the integers the host passes to that same kernel, so they
+multiply the search space but not the compiled kernels.
 """
 
 from __future__ import annotations
@@ -20,9 +25,17 @@ class GemmConfig:
     """Tile sizes and launch options of the receive-layout GEMM.
 
     ``block_*`` are the output tile (M x N) and the K step; ``group_m`` is the tile order (tiles
-    are walked in groups of ``group_m`` row-blocks, so 1 = row-major, large = column-major);
-    ``num_programs`` caps the persistent grid (None = one program per core). ``num_warps`` /
-    ``num_stages`` apply on CUDA only; ``multibuffer`` is an Ascend compile option.
+    are walked in groups of ``group_m`` row-blocks, so 1 = row-major, large = column-major; with
+    ``tile_order="diagonal"`` the side of the diagonal squares, triton-ascend's tile allocation
+    across cube cores); ``num_programs`` caps the persistent grid (None = one program per core;
+    fewer leaves cores to a concurrent collective). ``num_warps`` / ``num_stages`` apply on CUDA
+    only; ``multibuffer`` is an Ascend compile option.
+
+    Wave quantization (tiles not a multiple of the programs): ``split_k`` cuts every tile's K walk
+    into that many slices run by different programs; ``stream_k`` runs the full waves tile by tile
+    and spreads the last, partial wave's K iterations evenly over all programs. Both write partial
+    tiles to an fp32 workspace that a fix-up kernel sums (`kernels.gemm_kernel`); at most one of
+    the two.
     """
 
     block_m: int = 64
@@ -33,6 +46,9 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     multibuffer: bool = True
+    split_k: int = 1
+    stream_k: bool = False
+    tile_order: str = "grouped"
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -52,6 +68,17 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.num_warps={self.num_warps!r}: expected 1, 2, 4, 8 or 16")
         if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
             raise ValueError(f"GemmConfig.num_stages={self.num_stages!r}: expected 1..8")
+        if not isinstance(self.split_k, int) or isinstance(self.split_k, bool) or not 1 <= self.split_k <= MAX_SPLIT_K:
+            raise ValueError(f"GemmConfig.split_k={self.split_k!r}: expected an integer in 1..{MAX_SPLIT_K}")
+        if not isinstance(self.stream_k, bool):
+            raise ValueError(f"GemmConfig.stream_k={self.stream_k!r}: expected True or False")
+        if self.stream_k and self.split_k > 1:
+            raise ValueError(
+                f"GemmConfig.split_k={self.split_k} with stream_k=True: expected one of the two "
+                "(stream-K already balances the K walk over the programs)"
+            )
+        if self.tile_order not in TILE_ORDERS:
+            raise ValueError(f"GemmConfig.tile_order={self.tile_order!r}: expected one of {TILE_ORDERS}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "GemmConfig":
@@ -63,6 +90,18 @@ class GemmConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def kernel_config(self) -> "GemmConfig":
+        """This config with its launch fields at their defaults: what selects the compiled kernel."""
+        return dataclasses.replace(self, **LAUNCH_DEFAULTS)
+
+
+#: Largest ``split_k`` accepted (a K walk cut finer than this is the stream-K regime).
+MAX_SPLIT_K = 16
+TILE_ORDERS = ("grouped", "diagonal")
+#: Fields that change only the integers a launch passes to the kernel, not the compiled kernel.
+LAUNCH_FIELDS = ("num_programs", "split_k", "stream_k", "tile_order")
+LAUNCH_DEFAULTS = {"num_programs": None, "split_k": 1, "stream_k": False, "tile_order": "grouped"}
 
 
 def default_gemm_config(m: int, n: int, k: int, device: DeviceKind) -> GemmConfig:
@@ -116,21 +155,67 @@ _SPACE = {
 }
 
 
-def gemm_search_space(device: DeviceKind) -> Mapping[str, tuple]:
-    """Per-parameter choices the autotuner searches for ``device``."""
-    return _SPACE[device]
+#: Launch-field choices searched per device kind (kept apart from the tile space above: they do
+#: not multiply the compiled kernels). ``num_programs`` comes from `program_choices`.
+_LAUNCH_SPACE = {
+    "npu": dict(split_k=(1, 2, 4), stream_k=(False, True), tile_order=("grouped", "diagonal")),
+    "cuda": dict(split_k=(1, 2, 4), stream_k=(False, True), tile_order=("grouped",)),
+    "cpu": dict(split_k=(1, 2), stream_k=(False, True), tile_order=("grouped",)),
+}
+
+#: Cores a launch may leave to a concurrent collective: ``num_programs = cores - r`` is searched
+#: for each r (an HCCL / NCCL transfer that needs cores then does not stall the GEMM's last wave).
+#: None on the interpreter, where programs run one after another.
+RESERVED_CORES = {"npu": (2, 4), "cuda": (8, 16), "cpu": ()}
+
+#: Cores assumed for a device kind that is not the one present: H100 / H200 SMs, Ascend 910B3 cube
+#: cores, the interpreter's default programs.
+NOMINAL_CORES = {"npu": 20, "cuda": 132, "cpu": 4}
 
 
-def candidate_gemm_configs(device: DeviceKind, dtype_bytes: int = 2) -> list[GemmConfig]:
+def device_cores(device: DeviceKind) -> int:
+    """Programs of a full persistent grid on ``device``: the real count when that device is here
+    (or the interpreter's, for ``"cpu"``), else `NOMINAL_CORES`."""
+    from . import platform
+
+    if device == platform.device_kind() and (device != "cpu" or platform.is_interpreter()):
+        return platform.num_programs("cube")
+    return NOMINAL_CORES[device]
+
+
+def program_choices(device: DeviceKind, cores: Optional[int] = None) -> tuple:
+    """``num_programs`` values searched: None (every core), and every core but `RESERVED_CORES`."""
+    cores = device_cores(device) if cores is None else cores
+    return (None,) + tuple(cores - r for r in RESERVED_CORES[device] if cores - r >= 1)
+
+
+def gemm_search_space(device: DeviceKind, cores: Optional[int] = None) -> Mapping[str, tuple]:
+    """Per-parameter choices the autotuner searches for ``device`` (tiles, compile options, and
+    the launch fields: grid size for ``cores`` cores, split-K, stream-K, tile order)."""
+    return {**_SPACE[device], **_LAUNCH_SPACE[device], "num_programs": program_choices(device, cores)}
+
+
+def _configs(space: Mapping[str, tuple]) -> Iterable[GemmConfig]:
+    """Every valid combination of ``space`` (e.g. split-K together with stream-K is not one)."""
+    names = list(space)
+    for values in itertools.product(*space.values()):
+        try:
+            yield GemmConfig(**dict(zip(names, values)))
+        except ValueError:
+            continue
+
+
+def candidate_gemm_configs(device: DeviceKind, dtype_bytes: int = 2, cores: Optional[int] = None) -> list[GemmConfig]:
     """Every config in the search space that fits the device's on-chip budget."""
     from .budget import fits
 
-    space = _SPACE[device]
-    names = list(space)
-    configs: Iterable[GemmConfig] = (
-        GemmConfig(**dict(zip(names, values))) for values in itertools.product(*space.values())
-    )
+    configs = _configs(gemm_search_space(device, cores))
     budget_target = "cuda" if device == "cuda" else "npu" if device == "npu" else None
     if budget_target is None:
         return list(configs)
     return [c for c in configs if fits(c, budget_target, dtype_bytes)]
+
+
+def compiled_gemm_configs(device: DeviceKind, dtype_bytes: int = 2) -> list[GemmConfig]:
+    """The distinct kernels the candidates compile to (`GemmConfig.kernel_config`), in order."""
+    return list(dict.fromkeys(c.kernel_config() for c in candidate_gemm_configs(device, dtype_bytes)))

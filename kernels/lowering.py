@@ -63,6 +63,8 @@ class LoweringResult:
     shared_bytes: Optional[int] = None
     registers: Optional[int] = None
     local_bytes: Optional[int] = None
+    #: sm_90 only: the PTX, for assertions on what the compiler emitted (wgmma, copy widths).
+    ptx: Optional[str] = None
 
 
 def _require_compiler() -> None:
@@ -154,6 +156,7 @@ def compile_cuda(spec: KernelSpec, arch: int = CUDA_ARCH) -> LoweringResult:
         shared_bytes=int(compiled.metadata.shared),
         registers=registers,
         local_bytes=local,
+        ptx=compiled.asm.get("ptx"),
     )
 
 
@@ -170,23 +173,16 @@ def _cubin_resources(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
     return (int(registers.group(1)) if registers else None, int(local.group(1)) if local else None)
 
 
-#: Modules that define kernels; each provides ``lowering_cases(target)``.
-KERNEL_MODULES = ("kernels.recv_gemm", "kernels.pull_gemm", "kernels.peer_copy", "kernels.peer_weight_gemm")
-
-
-#: Modules of ``@triton.jit`` helpers: inlined into the kernels above and lowered with them.
+#: Modules of ``@triton.jit`` helpers: inlined into the kernels that call them and lowered with them.
 HELPER_MODULES = ("tiles",)
 
 
 def all_lowering_cases(target: str) -> list:
-    """(case id, KernelSpec) of every kernel over every config it may run with on ``target``."""
-    import importlib
+    """(case id, KernelSpec) of every kernel over every config it may run with on ``target``
+    (``"npu"`` or ``"cuda"``): the one list in `kernels.lowering_cases`."""
+    from .lowering_cases import all_cases
 
-    cases = []
-    for name in KERNEL_MODULES:
-        module = importlib.import_module(name)
-        cases += [(f"{name.split('.')[-1]}:{case}", spec) for case, spec in module.lowering_cases(target)]
-    return cases
+    return all_cases(target)
 
 
 def jit_kernels_defined() -> dict:

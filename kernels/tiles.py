@@ -1,8 +1,9 @@
-"""``@triton.jit`` helpers shared by the GEMM kernels (inlined into each kernel when it compiles).
+"""``@triton.jit`` helpers of the GEMM kernel family (inlined into each kernel when it compiles).
 
-The three GEMMs (`recv_gemm`, `pull_gemm`, `peer_weight_gemm`) differ only in where their A and W
-tiles come from; the tile walk, the masked loads and the epilogue are the same and live here.
-They are lowered through the kernels that call them, so they have no lowering cases of their own.
+`kernels.gemm_kernel` is one GEMM body whose A and W tiles come from different places (compile-time
+switches); the tile walk, the K walk, the loads and the epilogues it shares with its stream-K
+fix-up kernel live here. They are lowered through the kernels that call them, so they have no
+lowering cases of their own.
 """
 
 import triton
@@ -22,16 +23,60 @@ def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def load_tile_pair(a_ptrs, w_ptrs, mask_m, mask_n, kk, K_S, EVEN_K: tl.constexpr):
-    """The A tile ``[BLOCK_M, BLOCK_K]`` and W tile ``[BLOCK_N, BLOCK_K]`` of one K step, zero
-    outside the matrix; K masks only when ``K_S`` is not a multiple of ``BLOCK_K``."""
+def diagonal_tile(tile, num_pid_m, num_pid_n, SIDE: tl.constexpr):
+    """Output tile ``tile`` -> (row block, column block) along diagonals of ``SIDE x SIDE`` squares.
+
+    triton-ascend's matmul guidance: programs that run at the same time should not all read the
+    same A rows (bank conflicts) nor sweep all of W before reusing it (L2 misses). Tiles are cut
+    into bands of ``SIDE`` row blocks and each band into squares of ``SIDE`` column blocks (the
+    last band / square may be smaller: ``rows x cols``); inside a square, consecutive tiles ``i``
+    go to row ``i % rows`` and column ``(i // rows + i % rows) % cols`` -- a bijection, so
+    ``rows`` neighbouring programs touch ``rows`` different row blocks and column blocks.
+    """
+    band_tiles = SIDE * num_pid_n
+    band = tile // band_tiles
+    rows = tl.minimum(num_pid_m - band * SIDE, SIDE)
+    local = tile - band * band_tiles
+    square = local // (rows * SIDE)
+    cols = tl.minimum(num_pid_n - square * SIDE, SIDE)
+    i = local - square * rows * SIDE
+    r = i % rows
+    c = (i // rows + r) % cols
+    return band * SIDE + r, square * SIDE + c
+
+
+@triton.jit
+def tile_coords(tile, num_pid_m, num_pid_n, diagonal, GROUP_M: tl.constexpr):
+    """The tile order of a launch: grouped (``diagonal == 0``) or diagonal squares of ``GROUP_M``.
+    A runtime choice (one compiled kernel serves both orders)."""
+    if diagonal != 0:
+        pid_m, pid_n = diagonal_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+    else:
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+    return pid_m, pid_n
+
+
+@triton.jit
+def load_tile_pair(a_ptrs, w_ptrs, mask_m, mask_n, kk, K_S, EVEN_K: tl.constexpr, MASK_MN: tl.constexpr):
+    """The A tile ``[BLOCK_M, BLOCK_K]`` and W tile ``[BLOCK_N, BLOCK_K]`` of one K step through
+    pointers, zero outside the matrix. Row masks only with ``MASK_MN`` (otherwise the caller has
+    clamped its row offsets into the matrix); K masks only when ``K_S`` is not a multiple of
+    ``BLOCK_K``."""
     if EVEN_K:
-        a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+        if MASK_MN:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
     else:
         mask_k = kk < K_S
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if MASK_MN:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0)
     return a, w
 
 
@@ -47,3 +92,68 @@ def store_tile(acc, c_ptr, bias_ptr, rm, rn, mask_m, mask_n, stride_cm, stride_c
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask_c, other=0.0)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def tile_product(a_src, w_src, pid_m, pid_n, step_lo, step_hi,
+                 M, N, K_S, S, s_start, k_steps,
+                 stride_as, stride_am, stride_ak, stride_wn, stride_wk,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, TMA: tl.constexpr, MASK_MN: tl.constexpr,
+                 ASCEND_HINTS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """fp32 ``[BLOCK_M, BLOCK_N]`` sum over K steps ``[step_lo, step_hi)`` of one output tile.
+
+    K step ``step`` is step ``step % k_steps`` of source block ``(step // k_steps + s_start) % S``
+    (receive layout: A block s is ``a[s]``, W columns ``[s*K_S, (s+1)*K_S)``). One flat loop, so
+    CUDA's software pipeline sees a single long loop; a whole tile is ``[0, S * k_steps)``, a
+    split-K / stream-K piece any sub-range.
+
+    Where the tiles come from:
+    - ``TMA``: ``a_src`` / ``w_src`` are tensor descriptors (``[S, M, K_S]`` 3-D, ``[N, K]`` 2-D):
+      sm_90's bulk tensor copies, whose zero fill past M and N replaces every mask.
+    - otherwise pointers with strides. ``MASK_MN`` masks the rows past M / N (the form the Ascend
+      adapter turns into bounded block copies); without it the row offsets are clamped into the
+      matrix (rows past the edge re-read row 0; the store masks them) so the inner loop has no
+      M / N masks (CUDA).
+
+    An int8 path (W8A8) slots in here as one more switch: accumulate ``tl.dot`` in int32 per
+    source block and fold it into ``acc`` with that block's activation scale row at the block's
+    last K step (``acc += scale_s[:, None] * part``); the per-channel weight scale belongs to the
+    epilogue.
+    """
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    if not MASK_MN:
+        rm = tl.where(mask_m, rm, 0)
+        rn = tl.where(mask_n, rn, 0)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(step_lo, step_hi):
+        s = (step // k_steps + s_start) % S
+        k0 = (step % k_steps) * BLOCK_K
+        if TMA:
+            a = a_src.load([s, pid_m * BLOCK_M, k0]).reshape(BLOCK_M, BLOCK_K)
+            w = w_src.load([pid_n * BLOCK_N, s * K_S + k0])
+        else:
+            kk = tl.max_contiguous(tl.multiple_of(k0 + rk, BLOCK_K), BLOCK_K)
+            a_ptrs = a_src + s * stride_as + rm[:, None] * stride_am + kk[None, :] * stride_ak
+            w_ptrs = w_src + rn[:, None] * stride_wn + (s * K_S + kk)[None, :] * stride_wk
+            a, w = load_tile_pair(a_ptrs, w_ptrs, mask_m, mask_n, kk, K_S, EVEN_K, MASK_MN)
+        if ASCEND_HINTS:
+            # triton-ascend's matmul guidance: the cube pads dot operands along K only.
+            tl.compile_hint(a, "dot_pad_only_k")
+            tl.compile_hint(w, "dot_pad_only_k")
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def partial_tile_offsets(slot, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SUB_M: tl.constexpr, SUB_N: tl.constexpr, sub_m, sub_n):
+    """Element offsets of sub-block ``(sub_m, sub_n)`` (``SUB_M x SUB_N``) of workspace tile
+    ``slot``: the stream-K / split-K workspace is ``[slots, BLOCK_M, BLOCK_N]`` fp32, row-major."""
+    rows = sub_m * SUB_M + tl.arange(0, SUB_M)
+    cols = sub_n * SUB_N + tl.arange(0, SUB_N)
+    return slot * (BLOCK_M * BLOCK_N) + rows[:, None] * BLOCK_N + cols[None, :]

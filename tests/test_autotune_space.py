@@ -165,3 +165,17 @@ def test_inert_options_match_the_launcher_here():
     passed = set(launch_options(kernels.GemmConfig()))
     assert passed.isdisjoint(INERT_OPTIONS[kind])
     assert passed | set(INERT_OPTIONS[kind]) == {"num_warps", "num_stages", "multibuffer"}
+
+
+@pytest.mark.parametrize("device", ["cuda", "npu"])
+def test_launch_fields_are_searched_and_every_point_is_a_lowered_kernel(device):
+    from kernels.gemm_config import NOMINAL_CORES, compiled_gemm_configs
+
+    space = A2AGemmSpace(_problem(device, tokens=4096, tp=16, model="deepseek-v3"))
+    searched = space.gemm.searched
+    assert {"split_k", "stream_k", "num_programs"} <= set(searched)
+    assert any(p is not None and p < NOMINAL_CORES[device] for p in searched["num_programs"])
+    compiled = set(compiled_gemm_configs(device))
+    configs = [space.config(p).gemm for p in space.feasible_params()]
+    assert any(c.stream_k for c in configs) and any(c.split_k > 1 for c in configs)
+    assert all(c.kernel_config() in compiled or c == space.default.gemm for c in configs)
