@@ -68,17 +68,20 @@ class GemmConfig:
 def default_gemm_config(m: int, n: int, k: int, device: DeviceKind) -> GemmConfig:
     """The heuristic used until a tuned table exists.
 
-    - NPU: 128 x 256 x 256 for prefill (the triton-ascend GEMM tutorial's tile: the K span of a
-      bf16 row is 512 bytes, the cube unit's preferred burst); for decode-sized M, a 32-row tile
-      so the cube does not multiply padding.
+    - NPU: 128 x 128 x 256 for prefill, 32 x 128 x 256 for decode-sized M (a 32-row tile, so the
+      cube does not multiply padding). The K step spans 512 bytes of a bf16 / fp16 row (1 KB of
+      fp32), the cube unit's preferred burst (triton-ascend's GEMM guidance). Both compile through
+      bishengir in every dtype and epilogue *with* multibuffering: the tutorial's 128 x 256 tile
+      cannot accumulate into C (the epilogue needs 256 KB of UB, `kernels.budget`), and a 256-wide
+      W tile at K step 256 overflows L1 double-buffered in fp32.
     - CUDA sm_90: 128 x 128 x 64, 8 warps, 3 stages for prefill; 64 x 64 x 128 for decode, where
       many small tiles keep all SMs busy on the N dimension.
     - Interpreter: 32 x 32 x 32, so tests exercise edges and the persistent loop cheaply.
     """
     if device == "npu":
         if m <= 64:
-            return GemmConfig(block_m=32, block_n=256, block_k=256, group_m=1)
-        return GemmConfig(block_m=128, block_n=256, block_k=256, group_m=8)
+            return GemmConfig(block_m=32, block_n=128, block_k=256, group_m=1)
+        return GemmConfig(block_m=128, block_n=128, block_k=256, group_m=8)
     if device == "cuda":
         if m <= 64:
             return GemmConfig(block_m=64, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
@@ -87,12 +90,13 @@ def default_gemm_config(m: int, n: int, k: int, device: DeviceKind) -> GemmConfi
 
 
 #: Search space of the autotuner, per device kind. Kept small enough that every point can be
-#: lowered in the test suite (DESIGN section 8).
+#: lowered in the test suite (DESIGN section 8). On Ascend the K step must span a multiple of 512
+#: bytes (`ASCEND_K_SPAN_BYTES`): 256 or 512 for 16-bit inputs, 128 to 512 for fp32.
 _SPACE = {
     "npu": dict(
         block_m=(32, 64, 128),
         block_n=(128, 256),
-        block_k=(128, 256),
+        block_k=(128, 256, 512),
         group_m=(1, 8),
         num_warps=(4,),
         num_stages=(1,),
@@ -121,16 +125,34 @@ def gemm_search_space(device: DeviceKind) -> Mapping[str, tuple]:
     return _SPACE[device]
 
 
-def candidate_gemm_configs(device: DeviceKind, dtype_bytes: int = 2) -> list[GemmConfig]:
-    """Every config in the search space that fits the device's on-chip budget."""
-    from .budget import fits
+#: Ascend's cube loads rows of A and W in bursts of this many bytes: a K step should span a multiple.
+ASCEND_K_SPAN_BYTES = 512
+
+
+def candidate_gemm_configs(
+    device: DeviceKind, dtype_bytes: int = 2, *, multibuffer_dropped: bool = True
+) -> list[GemmConfig]:
+    """Every config in the search space that fits the device's on-chip budget (`kernels.budget`,
+    worst-case epilogue: bias + accumulate-into), with Ascend's K steps of whole 512-byte bursts.
+
+    On Ascend some candidates fit only because bishengir compiles them single-buffered (their
+    ``estimate(...).multibuffer_dropped`` is true); the tuner may measure them knowingly, or leave
+    them out with ``multibuffer_dropped=False``.
+    """
+    from .budget import estimate
 
     space = _SPACE[device]
     names = list(space)
     configs: Iterable[GemmConfig] = (
         GemmConfig(**dict(zip(names, values))) for values in itertools.product(*space.values())
     )
-    budget_target = "cuda" if device == "cuda" else "npu" if device == "npu" else None
-    if budget_target is None:
+    if device == "cpu":
         return list(configs)
-    return [c for c in configs if fits(c, budget_target, dtype_bytes)]
+    chosen = []
+    for config in configs:
+        if device == "npu" and config.block_k * dtype_bytes % ASCEND_K_SPAN_BYTES:
+            continue
+        budget = estimate(config, device, dtype_bytes)
+        if budget.fits and (multibuffer_dropped or not budget.multibuffer_dropped):
+            chosen.append(config)
+    return chosen
