@@ -29,6 +29,7 @@ and prints one line per case.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -175,7 +176,9 @@ _STAND_IN_HIVMC = """#!/bin/sh
 echo "fc2-triton stand-in hivmc: CANN's hivmc is not installed; bishengir's checks are complete" >&2
 exit 1
 """
-_ELEMENT_BYTES = {"f64": 8, "i64": 8, "f32": 4, "i32": 4, "f16": 2, "bf16": 2, "i16": 2, "i8": 1, "i1": 1}
+#: A kernel takes bishengir 0.05-3 s; one that takes this long is reported as a failure.
+BISHENGIR_TIMEOUT_S = 300
+_MLIR_ELEMENT_BYTES = {"f64": 8, "i64": 8, "f32": 4, "i32": 4, "f16": 2, "bf16": 2, "i16": 2, "i8": 1, "i1": 1}
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,7 @@ def bishengir_path() -> str:
     return path
 
 
+@functools.lru_cache(maxsize=None)
 def _hivm_flag(compiler: str) -> str:
     """triton-ascend passes ``--reg-based=true`` to register-based bishengir builds, else this."""
     listed = subprocess.run([compiler, "--help"], capture_output=True, text=True).stdout
@@ -248,18 +252,21 @@ def planned_usage(hivm: str) -> dict[str, int]:
     over the ``hivm.hir.pointer_cast`` ops (each places a buffer at static offsets in its space)."""
     constants = dict(re.findall(r"(%[\w]+) = arith.constant (\d+) : i64", hivm))
     usage: dict[str, int] = {}
-    for offsets, shape, element, space in re.findall(
-        r"hivm\.hir\.pointer_cast\(([^)]*)\)[^\n]*?: memref<((?:\d+x)*)(\w+)[^\n]*?#hivm\.address_space<(\w+)>", hivm
-    ):
-        if space not in BISHENGIR_BUFFERS:
-            continue
-        size = _ELEMENT_BYTES[element]
-        for dim in filter(None, shape.split("x")):
-            size *= int(dim)
-        for offset in (o.strip() for o in offsets.split(",")):
-            top = int(constants[offset]) + size
-            buffer = BISHENGIR_BUFFERS[space]
-            usage[buffer] = max(usage.get(buffer, 0), top)
+    for line in hivm.splitlines():
+        space = re.search(r"hivm\.hir\.pointer_cast\(.*#hivm\.address_space<(\w+)>", line)
+        if space is None or space.group(1) not in BISHENGIR_BUFFERS:
+            continue  # not a placement, or one in global memory (peer pointers, workspace)
+        try:
+            offsets, memref = re.search(r"pointer_cast\(([^)]*)\).*: memref<([^,>]*)[,>]", line).groups()
+            *dims, element = memref.split("x")
+            size = _MLIR_ELEMENT_BYTES[element]
+            for dim in dims:
+                size *= int(dim)
+            tops = [int(constants[offset.strip()]) + size for offset in offsets.split(",")]
+        except (AttributeError, KeyError, ValueError):
+            raise LoweringError(f"cannot read this buffer placement in bishengir's plan: {line.strip()}") from None
+        buffer = BISHENGIR_BUFFERS[space.group(1)]
+        usage[buffer] = max(usage.get(buffer, 0), *tops)
     return usage
 
 
@@ -318,7 +325,13 @@ def _run_bishengir(kernel: str, arch: str, linalg: str, metadata: Mapping[str, A
         # The stand-in goes first on PATH so that a CANN hivmc, where installed, does not change
         # what is checked: every machine stops at the same hand-over.
         env = {**os.environ, "PATH": os.path.dirname(stand_in) + os.pathsep + os.environ.get("PATH", "")}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work,
+                                  timeout=BISHENGIR_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return BishengirResult(kernel, arch, adapter_seconds + time.perf_counter() - started, False,
+                                   f"bishengir-compile did not finish within {BISHENGIR_TIMEOUT_S} s",
+                                   mix_mode=metadata.get("mix_mode", ""))
         module = os.path.join(temps, "module.hivm.opt.mlir")
         hivm = open(module).read() if os.path.exists(module) else None
     seconds = adapter_seconds + time.perf_counter() - started
@@ -341,6 +354,7 @@ def run_bishengir_many(specs: list, arch: str, jobs: Optional[int] = None) -> li
     earlier kernels are in bishengir; an adapter failure is returned as its `LoweringError`."""
     from concurrent.futures import ThreadPoolExecutor
 
+    bishengir_path()  # missing: say so once, before any work
     futures = []
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         for spec in specs:
@@ -354,7 +368,7 @@ def run_bishengir_many(specs: list, arch: str, jobs: Optional[int] = None) -> li
         return [f if isinstance(f, LoweringError) else f.result() for f in futures]
 
 
-_ELEMENT_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
+_TRITON_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def budget_estimate(spec: KernelSpec, target: str = "npu"):
@@ -365,14 +379,14 @@ def budget_estimate(spec: KernelSpec, target: str = "npu"):
 
     values = spec.constexprs
     operand = spec.signature.get("a_ptr", spec.signature.get("w_ptr", ""))
-    if not {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(values) or operand.lstrip("*") not in _ELEMENT_SIZES:
+    if not {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(values) or operand.lstrip("*") not in _TRITON_ELEMENT_BYTES:
         return None
     config = GemmConfig(
         block_m=values["BLOCK_M"], block_n=values["BLOCK_N"], block_k=values["BLOCK_K"],
         multibuffer=spec.options.get("multibuffer", True),
         **({"num_warps": spec.options["num_warps"], "num_stages": spec.options["num_stages"]} if target == "cuda" else {}),
     )
-    return estimate(config, target, _ELEMENT_SIZES[operand.lstrip("*")],
+    return estimate(config, target, _TRITON_ELEMENT_BYTES[operand.lstrip("*")],
                     has_bias=bool(values.get("HAS_BIAS")), accumulate=bool(values.get("ACCUMULATE")))
 
 
