@@ -1,8 +1,8 @@
 """GEMM tile configurations: the dataclass, the documented defaults, and the autotuner's space.
 
 ``candidate_gemm_configs`` is the *only* definition of what the autotuner may pick; the lowering
-tests compile exactly this list for Ascend and CUDA, so a config that cannot be built never
-reaches a run.
+tests compile exactly this list for Ascend (through bishengir, memory planning included) and CUDA,
+so a config that cannot be built never reaches a run.
 """
 
 from __future__ import annotations

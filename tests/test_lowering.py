@@ -43,6 +43,7 @@ def _cases(target):
 
 
 ASCEND_CASES = _cases("A2") + _cases("A3")
+NEEDS_A2 = pytest.mark.skipif(_skip_reason("A2") is not None, reason=str(_skip_reason("A2")))
 CUDA_CASES = _cases(f"sm_{CUDA_ARCH}")
 
 
@@ -111,7 +112,7 @@ def test_every_kernel_has_lowering_cases():
 
 
 @pytest.mark.ascend_lowering
-@pytest.mark.skipif(_skip_reason("A2") is not None, reason=str(_skip_reason("A2")))
+@NEEDS_A2
 def test_a_broken_kernel_fails_to_lower():
     import triton
 
@@ -125,7 +126,7 @@ def test_a_broken_kernel_fails_to_lower():
 
 
 @pytest.mark.ascend_lowering
-@pytest.mark.skipif(_skip_reason("A2") is not None, reason=str(_skip_reason("A2")))
+@NEEDS_A2
 def test_bishengir_rejects_what_overflows_ub_and_says_so():
     """The adapter lowers a 256 KB vector tile without complaint; bishengir must refuse it."""
     import triton
@@ -148,7 +149,7 @@ def test_bishengir_rejects_what_overflows_ub_and_says_so():
 
 
 @pytest.mark.ascend_lowering
-@pytest.mark.skipif(_skip_reason("A2") is not None, reason=str(_skip_reason("A2")))
+@NEEDS_A2
 def test_bishengir_dropping_multibuffer_is_detected():
     """fp32 128 x 256 x 256: double-buffered A and W tiles need 768 KB of L1; bishengir compiles it
     single-buffered (384 KB) and says so only in a note, which must surface as a mark."""
