@@ -2,7 +2,8 @@
 #
 # Test environments are virtualenvs under $(ENV_ROOT), named by a hash of requirements/*.txt, so
 # a fresh clone reuses them and a change of pins builds new ones:
-#   ascend-<hash>: CPU torch + triton-ascend (interpreter numerics, Ascend adapter lowering),
+#   ascend-<hash>: CPU torch + triton-ascend + ascendnpu-ir (interpreter numerics; Ascend lowering
+#                  through the adapter and bishengir-compile),
 #   cuda-<hash>:   CPU torch + upstream triton (CUDA sm_90 compile checks, no GPU needed),
 #   vllm-<hash>:   vllm 0.33.0 + its pinned torch 2.14 + upstream triton 3.8 + transformers (fc2's
 #                  vLLM and Hugging Face tests, against the real libraries, on CPU with gloo).
@@ -27,11 +28,14 @@ test: test-numerics test-lowering test-vllm
 test-numerics: $(ASCEND_ENV)/.ready
 	TRITON_INTERPRET=1 $(ASCEND_ENV)/bin/python -m pytest -q -m "not ascend_lowering and not cuda_compile" $(PYTEST_ARGS) tests
 
-# 2. Every kernel and every config the autotuner may pick, lowered for Ascend A2/A3 and compiled
-#    for CUDA sm_90 (Triton must be imported compiled, hence TRITON_INTERPRET=0).
+# 2. Every kernel and every config the autotuner may pick, compiled for Ascend A2/A3 through the
+#    adapter and bishengir-compile (with the budget model held against bishengir), and for CUDA
+#    sm_90 (Triton must be imported compiled, hence TRITON_INTERPRET=0).
 test-lowering: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready
-	TRITON_INTERPRET=0 $(ASCEND_ENV)/bin/python -m pytest -q -m ascend_lowering $(PYTEST_ARGS) tests/test_lowering.py
-	TRITON_INTERPRET=0 $(CUDA_ENV)/bin/python -m pytest -q -m cuda_compile $(PYTEST_ARGS) tests/test_lowering.py tests/test_gemm_compiled.py
+	TRITON_INTERPRET=0 $(ASCEND_ENV)/bin/python -m pytest -q -m ascend_lowering $(PYTEST_ARGS) \
+		tests/test_lowering.py tests/test_bishengir_budget.py
+	TRITON_INTERPRET=0 $(CUDA_ENV)/bin/python -m pytest -q -m cuda_compile $(PYTEST_ARGS) \
+		tests/test_lowering.py tests/test_gemm_compiled.py
 
 # 3. fc2 against real vLLM (its Llama model, loader, RowParallelLinear, patch_model, the general-
 #    plugin entry point) and real transformers models, in the vLLM environment (upstream Triton's

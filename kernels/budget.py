@@ -1,42 +1,65 @@
 """On-chip memory estimates per GEMM config, to refuse configs that cannot fit.
 
-triton-ascend's adapter lowering does not catch buffer overflow (bishengir does, on a machine
-with CANN), and a CUDA compile only reports shared memory after seconds of work; this estimate is
-instant and is what the autotuner uses to reject a config before any measurement.
+An estimate is instant; compiling takes seconds (bishengir for Ascend, ptxas for CUDA). The
+autotuner rejects a config with it before any measurement, and `candidate_gemm_configs` filters
+its space with it; `make test` holds the Ascend model against bishengir itself
+(tests/test_bishengir_budget.py), inside the candidate space and on a wider grid.
 
-Ascend model (per AI core; figures from DESIGN section 5 / shared/reference):
-- L1 (512 KB) holds the A tile (block_m x block_k) and the W tile (block_n x block_k),
-  twice when ``multibuffer`` double-buffers the K loop.
-- L0A / L0B (64 KB each): bishengir slices the K step into fractal slices of 16; one slice of A
-  (block_m x 16) and of W (block_n x 16), double-buffered, must fit.
-- L0C (128 KB) holds the fp32 accumulator block_m x block_n.
-- UB (192 KB per vector core): the epilogue (bias add, fp32 accumulate-into) runs on the two
-  vector cores of the AI core, each on half the tile: fp32 accumulator + output tile (+ the fp32
-  workspace tile when accumulating), + the bias row. A plain GEMM epilogue leaves through the
-  fixpipe and needs no UB.
+Ascend model: what bishengir-compile (ascendnpu-ir 1.2.0, triton-ascend 3.2's flags) plans for
+our GEMM kernels (A and W tiles per K step, ``tl.dot`` into an fp32 accumulator, the epilogue of
+`kernels.tiles.store_tile`), read from the ``hivm.hir.pointer_cast`` offsets and sizes of its
+``module.hivm.opt.mlir`` over 2000 configs per chip (tiles 16..256 x 32..512 x 32..512, fp32 and
+bf16, every epilogue, multibuffer on and off), where it matches to the byte:
+
+- L1 (cbuf, 512 KB per AI core): the A tile ``block_m x block_k`` and the W tile ``block_n x
+  block_k`` in the input dtype, twice with ``multibuffer`` (auto multi-buffer doubles the K loop's
+  loads). When the doubled plan overflows L1, bishengir retries by itself with multibuffering off
+  and, if the single copies fit, compiles the kernel without it, saying so only in a note: such a
+  config is marked ``multibuffer_dropped`` (it runs, without overlapping its loads and the cube).
+- L0C (cc, 128 KB): the fp32 accumulator ``block_m x block_n``, one copy.
+- UB (192 KB = the 1572864 bits of bishengir's "ub overflow" message, per vector core): the cube's
+  result leaves L0C through the fixpipe to a workspace in global memory, and the two vector cores
+  of the AI core run the epilogue from there.
+  - Plain store: the fixpipe writes C itself; no UB.
+  - Bias, no accumulate-into: sub-block binding splits the tile between the two vector cores:
+    an fp32 half tile ``block_m / 2 x block_n``, the bias row in its dtype and widened to fp32
+    (one row for fp32); the cast to the output dtype reuses the tile's place.
+  - Accumulate-into (C is fp32 and is read back): bishengir does *not* split this epilogue, so
+    each vector core holds two full fp32 tiles, the accumulator and the C tile it adds
+    (``2 x block_m x block_n x 4`` bytes), plus the bias rows when there is a bias. This is why
+    128 x 256 tiles with accumulate-into ask for 2097152 bits: 256 KB, not the 160 KB a split
+    epilogue would need, and why no 128 x 256 tile can serve `ring` or split-K.
+  Multibuffering does not change the UB plan of these kernels.
+- L0A / L0B: the cube's ``mma_tile`` slices K into them by itself; bishengir plans no L0A / L0B
+  buffers for these kernels and they never limit a tile here, so they are not modelled.
+
 CUDA model: ``num_stages`` copies of the A and W tiles in shared memory (the software pipeline),
 against the 227 KB a Hopper block can opt in to; the real figure comes from `lowering`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .gemm_config import GemmConfig
 
 KB = 1024
-ASCEND_LIMITS = {"L1": 512 * KB, "L0A": 64 * KB, "L0B": 64 * KB, "L0C": 128 * KB, "UB": 192 * KB}
+ASCEND_LIMITS = {"L1": 512 * KB, "L0C": 128 * KB, "UB": 192 * KB}
 CUDA_SM90_SHARED_LIMIT = 232_448  # bytes a block may opt in to on sm_90
-FRACTAL_K = 16  # cube fractal depth: the smallest K slice bishengir moves into L0A / L0B
+FP32_BYTES = 4
 VECTOR_CORES_PER_AI_CORE = 2
 
 
 @dataclass(frozen=True)
 class BudgetEstimate:
+    """Bytes per on-chip buffer for one config. On Ascend, ``usage`` is what bishengir would plan:
+    single-buffered L1 where it would drop multibuffering (``multibuffer_dropped``)."""
+
     target: str
     usage: dict  # buffer -> bytes
     limits: dict  # buffer -> bytes
+    multibuffer_dropped: bool = False
 
     @property
     def fits(self) -> bool:
@@ -50,6 +73,16 @@ class BudgetEstimate:
         ]
 
 
+def ascend_ub_bytes(block_m: int, block_n: int, dtype_bytes: int, *, has_bias: bool, accumulate: bool) -> int:
+    """UB the epilogue of `kernels.tiles.store_tile` needs per vector core (see the module doc)."""
+    bias_rows = block_n * (dtype_bytes + FP32_BYTES if dtype_bytes != FP32_BYTES else FP32_BYTES)
+    if accumulate:
+        return 2 * block_m * block_n * FP32_BYTES + (bias_rows if has_bias else 0)
+    if has_bias:
+        return block_m // VECTOR_CORES_PER_AI_CORE * block_n * FP32_BYTES + bias_rows
+    return 0
+
+
 def estimate(
     config: GemmConfig,
     target: Literal["npu", "cuda"],
@@ -58,22 +91,20 @@ def estimate(
     has_bias: bool = True,
     accumulate: bool = True,
 ) -> BudgetEstimate:
-    """Bytes each on-chip buffer needs for ``config`` (epilogue options default to the worst case)."""
+    """Bytes each on-chip buffer needs for ``config`` (epilogue options default to the worst case:
+    a config the tuner picks may serve any schedule, `ring` and split-K accumulate into C)."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     if target == "npu":
-        buffers = 2 if config.multibuffer else 1
-        half_tile = bm * bn // VECTOR_CORES_PER_AI_CORE
-        ub = 0
-        if has_bias or accumulate:
-            ub = half_tile * (4 + dtype_bytes + (4 if accumulate else 0)) + (bn * 4 if has_bias else 0)
+        tiles = (bm * bk + bn * bk) * dtype_bytes
+        # bishengir retries single-buffered when the double-buffered plan overflows L1
+        single = not config.multibuffer or 2 * tiles > ASCEND_LIMITS["L1"]
         usage = {
-            "L1": buffers * (bm * bk + bn * bk) * dtype_bytes,
-            "L0A": 2 * bm * FRACTAL_K * dtype_bytes,
-            "L0B": 2 * bn * FRACTAL_K * dtype_bytes,
-            "L0C": bm * bn * 4,
-            "UB": ub,
+            "L1": tiles if single else 2 * tiles,
+            "L0C": bm * bn * FP32_BYTES,
+            "UB": ascend_ub_bytes(bm, bn, dtype_bytes, has_bias=has_bias, accumulate=accumulate),
         }
-        return BudgetEstimate("npu", usage, dict(ASCEND_LIMITS))
+        planned = BudgetEstimate("npu", usage, dict(ASCEND_LIMITS))
+        return replace(planned, multibuffer_dropped=config.multibuffer and single and planned.fits)
     if target == "cuda":
         usage = {"shared": config.num_stages * (bm * bk + bn * bk) * dtype_bytes}
         return BudgetEstimate("cuda", usage, {"shared": CUDA_SM90_SHARED_LIMIT})
@@ -81,4 +112,6 @@ def estimate(
 
 
 def fits(config: GemmConfig, target: Literal["npu", "cuda"], dtype_bytes: int = 2) -> bool:
+    """Whether ``config`` compiles within the on-chip budget in the worst-case epilogue (on
+    Ascend: possibly with multibuffering dropped; see `BudgetEstimate.multibuffer_dropped`)."""
     return estimate(config, target, dtype_bytes).fits

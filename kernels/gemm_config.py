@@ -1,8 +1,8 @@
 """GEMM tile configurations: the dataclass, the documented defaults, and the autotuner's space.
 
 ``candidate_gemm_configs`` is the *only* definition of what the autotuner may pick; the lowering
-tests compile every kernel it implies (`compiled_gemm_configs`) for Ascend and CUDA, so a config
-that cannot be built never reaches a run.
+tests compile every kernel it implies (`compiled_gemm_configs`) for Ascend (through bishengir,
+memory planning included) and CUDA, so a config that cannot be built never reaches a run.
 
 A config has two kinds of fields. *Kernel fields* (tile sizes, CUDA warps / stages, Ascend
 multibuffer) select a compiled kernel. *Launch fields* (`LAUNCH_FIELDS`: grid size, split-K,
@@ -107,17 +107,20 @@ LAUNCH_DEFAULTS = {"num_programs": None, "split_k": 1, "stream_k": False, "tile_
 def default_gemm_config(m: int, n: int, k: int, device: DeviceKind) -> GemmConfig:
     """The heuristic used until a tuned table exists.
 
-    - NPU: 128 x 256 x 256 for prefill (the triton-ascend GEMM tutorial's tile: the K span of a
-      bf16 row is 512 bytes, the cube unit's preferred burst); for decode-sized M, a 32-row tile
-      so the cube does not multiply padding.
+    - NPU: 128 x 128 x 256 for prefill, 32 x 128 x 256 for decode-sized M (a 32-row tile, so the
+      cube does not multiply padding). The K step spans 512 bytes of a bf16 / fp16 row (1 KB of
+      fp32), the cube unit's preferred burst (triton-ascend's GEMM guidance). Both compile through
+      bishengir in every dtype and epilogue *with* multibuffering: the tutorial's 128 x 256 tile
+      cannot accumulate into C (the epilogue needs 256 KB of UB, `kernels.budget`), and a 256-wide
+      W tile at K step 256 overflows L1 double-buffered in fp32.
     - CUDA sm_90: 128 x 128 x 64, 8 warps, 3 stages for prefill; 64 x 64 x 128 for decode, where
       many small tiles keep all SMs busy on the N dimension.
     - Interpreter: 32 x 32 x 32, so tests exercise edges and the persistent loop cheaply.
     """
     if device == "npu":
         if m <= 64:
-            return GemmConfig(block_m=32, block_n=256, block_k=256, group_m=1)
-        return GemmConfig(block_m=128, block_n=256, block_k=256, group_m=8)
+            return GemmConfig(block_m=32, block_n=128, block_k=256, group_m=1)
+        return GemmConfig(block_m=128, block_n=128, block_k=256, group_m=8)
     if device == "cuda":
         if m <= 64:
             return GemmConfig(block_m=64, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
@@ -126,12 +129,13 @@ def default_gemm_config(m: int, n: int, k: int, device: DeviceKind) -> GemmConfi
 
 
 #: Search space of the autotuner, per device kind. Kept small enough that every point can be
-#: lowered in the test suite (DESIGN section 8).
+#: lowered in the test suite (DESIGN section 8). On Ascend the K step must span a multiple of 512
+#: bytes (`ASCEND_K_SPAN_BYTES`): 256 or 512 for 16-bit inputs, 128 to 512 for fp32.
 _SPACE = {
     "npu": dict(
         block_m=(32, 64, 128),
         block_n=(128, 256),
-        block_k=(128, 256),
+        block_k=(128, 256, 512),
         group_m=(1, 8),
         num_warps=(4,),
         num_stages=(1,),
@@ -205,15 +209,33 @@ def _configs(space: Mapping[str, tuple]) -> Iterable[GemmConfig]:
             continue
 
 
-def candidate_gemm_configs(device: DeviceKind, dtype_bytes: int = 2, cores: Optional[int] = None) -> list[GemmConfig]:
-    """Every config in the search space that fits the device's on-chip budget."""
-    from .budget import fits
+#: Ascend's cube loads rows of A and W in bursts of this many bytes: a K step should span a multiple.
+ASCEND_K_SPAN_BYTES = 512
+
+
+def candidate_gemm_configs(
+    device: DeviceKind, dtype_bytes: int = 2, cores: Optional[int] = None, *, multibuffer_dropped: bool = True
+) -> list[GemmConfig]:
+    """Every config in the search space that fits the device's on-chip budget (`kernels.budget`,
+    worst-case epilogue: bias + accumulate-into), with Ascend's K steps of whole 512-byte bursts.
+
+    On Ascend some candidates fit only because bishengir compiles them single-buffered (their
+    ``estimate(...).multibuffer_dropped`` is true); the tuner may measure them knowingly, or leave
+    them out with ``multibuffer_dropped=False``.
+    """
+    from .budget import estimate
 
     configs = _configs(gemm_search_space(device, cores))
-    budget_target = "cuda" if device == "cuda" else "npu" if device == "npu" else None
-    if budget_target is None:
+    if device == "cpu":
         return list(configs)
-    return [c for c in configs if fits(c, budget_target, dtype_bytes)]
+    chosen = []
+    for config in configs:
+        if device == "npu" and config.block_k * dtype_bytes % ASCEND_K_SPAN_BYTES:
+            continue
+        budget = estimate(config, device, dtype_bytes)
+        if budget.fits and (multibuffer_dropped or not budget.multibuffer_dropped):
+            chosen.append(config)
+    return chosen
 
 
 def compiled_gemm_configs(device: DeviceKind, dtype_bytes: int = 2) -> list[GemmConfig]:
