@@ -25,7 +25,7 @@ import torch
 
 from kernels.gemm_config import GemmConfig, candidate_gemm_configs
 from kernels.lowering import ASCEND_ARCHS, budget_estimate, run_bishengir_many
-from kernels.recv_gemm import lowering_spec
+from kernels.lowering_cases import gemm_spec as lowering_spec
 from tests.lowering_env import skip_reason
 
 pytestmark = [

@@ -156,7 +156,7 @@ def test_bishengir_dropping_multibuffer_is_detected():
     import torch
 
     from kernels.gemm_config import GemmConfig
-    from kernels.recv_gemm import lowering_spec
+    from kernels.lowering_cases import gemm_spec as lowering_spec
 
     for multibuffer in (True, False):
         config = GemmConfig(block_m=128, block_n=256, block_k=256, multibuffer=multibuffer)
