@@ -12,6 +12,8 @@ if platform.is_interpreter():
     install_bf16_dot_fix()
 
 from .gemm_config import GemmConfig, candidate_gemm_configs, default_gemm_config
+from .gemm_kernel import Int8Scales
+from .quantize import W8A8, quantize_rows
 from .recv_gemm import gemm
 from .all_to_all_gemm import A2AGemmConfig, SCHEDULES, all_to_all_gemm, choose_schedule
 from .a2a_context import A2AGemmContext
@@ -26,7 +28,9 @@ __all__ = [
     "A2AGemmConfig",
     "A2AGemmContext",
     "HeapUnavailable",
+    "Int8Scales",
     "SymmetricHeap",
+    "W8A8",
     "GemmConfig",
     "SCHEDULES",
     "all_to_all_gemm",
@@ -38,5 +42,6 @@ __all__ = [
     "heap_support",
     "platform",
     "pull_gemm",
+    "quantize_rows",
     "reference_all_to_all_gemm",
 ]

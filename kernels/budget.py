@@ -33,6 +33,21 @@ bf16, every epilogue, multibuffer on and off), where it matches to the byte:
 - L0A / L0B: the cube's ``mma_tile`` slices K into them by itself; bishengir plans no L0A / L0B
   buffers for these kernels and they never limit a tile here, so they are not modelled.
 
+**int8 (W8A8) on Ascend** (``dtype_bytes=1``, the kernel's ``QUANT`` switch), read the same way
+from bishengir over 640 int8 configs (tiles 16..256 x 64..512 x 256..1024, both modes, every
+epilogue, bf16 / fp16 / fp32 output, multibuffer on and off), where it is planned differently:
+
+- L1: bishengir keeps two copies of each int8 tile even single-buffered, four with multibuffer
+  (capped at L1: it multibuffers what fits); when two copies overflow, it drops multibuffering
+  and keeps the A tile twice and W once (``tiles + block_m x block_k``), else the config fails.
+- L0C: the int32 accumulator twice (ping-pong) when that fits in L0C, else once.
+- UB: a first plan whose size is exact (`INT8_UB`'s "wide" formulas in tile elements t =
+  block_m x block_n, block_n and block_m: the dequant epilogue, the dynamic mode's row scales and
+  its fp32 accumulator); when that overflows, bishengir re-plans narrower by itself (the sizes of
+  those plans are not a formula: they are reported here as the whole UB), and it rejects the
+  config only when its narrowest plan, the size its "ub overflow" message names ("narrow",
+  exact), overflows too. Multibuffer does not change the UB plan; neither does the K step.
+
 CUDA model: ``num_stages`` copies of the A and W tiles in shared memory (the software pipeline),
 against the 227 KB a Hopper block can opt in to; the real figure comes from `lowering`.
 """
@@ -83,6 +98,40 @@ def ascend_ub_bytes(block_m: int, block_n: int, dtype_bytes: int, *, has_bias: b
     return 0
 
 
+#: int8 UB plans of bishengir per (quant mode, bias, accumulate-into): (wide, narrow) as functions of
+#: (t = block_m * block_n, block_n, block_m, fp32 output). See the module docstring.
+INT8_UB = {
+    ("static", False, False): (lambda t, n, m, f32: (4 if f32 else 5) * t + 8 * n, lambda t, n: (5 * t + 8 * n)),
+    ("static", True, False): (lambda t, n, m, f32: 6 * t + (16 if f32 else 20) * n, lambda t, n: 4 * t + 16 * n),
+    ("static", False, True): (lambda t, n, m, f32: 16 * t + 8 * n, lambda t, n: 8 * t + 8 * n),
+    ("static", True, True): (lambda t, n, m, f32: 20 * t + (16 if f32 else 20) * n, lambda t, n: 12 * t),
+    ("dynamic", False, False): (lambda t, n, m, f32: (14 if f32 else 15) * t + 8 * n + 64 * m, lambda t, n: 7 * t + 4 * n),
+    ("dynamic", True, False): (lambda t, n, m, f32: 16 * t + (16 if f32 else 20) * n + 64 * m, lambda t, n: 8 * t + 4 * n),
+    ("dynamic", False, True): (lambda t, n, m, f32: 36 * t + 8 * n + 128 * m, lambda t, n: 16 * t + 4 * n),
+    ("dynamic", True, True): (lambda t, n, m, f32: 40 * t + (16 if f32 else 20) * n + 128 * m, lambda t, n: 16 * t + 4 * n),
+}
+QUANT_MODES = ("static", "dynamic")
+
+
+def _ascend_int8(config: GemmConfig, quant: str, has_bias: bool, accumulate: bool, out_bytes: int) -> BudgetEstimate:
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    limits = ASCEND_LIMITS
+    tiles = (bm + bn) * bk
+    kept = 2 * tiles <= limits["L1"]
+    if kept:
+        l1 = min(4 * tiles, limits["L1"]) if config.multibuffer else 2 * tiles
+    else:  # multibuffering dropped (or never on): A twice, W once
+        l1 = tiles + bm * bk
+    t = bm * bn
+    l0c = 2 * t * FP32_BYTES if 2 * t * FP32_BYTES <= limits["L0C"] else t * FP32_BYTES
+    wide, narrow = INT8_UB[quant, has_bias, accumulate]
+    first = wide(t, bn, bm, out_bytes == FP32_BYTES)
+    last = narrow(t, bn)
+    ub = first if first <= limits["UB"] else (limits["UB"] if last <= limits["UB"] else last)
+    planned = BudgetEstimate("npu", {"L1": l1, "L0C": l0c, "UB": ub}, dict(limits))
+    return replace(planned, multibuffer_dropped=config.multibuffer and not kept and planned.fits)
+
+
 def estimate(
     config: GemmConfig,
     target: Literal["npu", "cuda"],
@@ -90,10 +139,18 @@ def estimate(
     *,
     has_bias: bool = True,
     accumulate: bool = True,
+    quant: str = "dynamic",
+    out_bytes: int = 2,
 ) -> BudgetEstimate:
     """Bytes each on-chip buffer needs for ``config`` (epilogue options default to the worst case:
-    a config the tuner picks may serve any schedule, `ring` and split-K accumulate into C)."""
+    a config the tuner picks may serve any schedule, `ring` and split-K accumulate into C).
+    ``dtype_bytes=1`` is the int8 path: ``quant`` (``"static"`` / ``"dynamic"``, default the
+    larger) and the output's element size ``out_bytes`` shape its epilogue."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
+    if target == "npu" and dtype_bytes == 1:
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant={quant!r}: the int8 budget needs one of {QUANT_MODES}")
+        return _ascend_int8(config, quant, has_bias, accumulate, out_bytes)
     if target == "npu":
         tiles = (bm * bk + bn * bk) * dtype_bytes
         # bishengir retries single-buffered when the double-buffered plan overflows L1

@@ -26,6 +26,10 @@ same order.
   already there: `A2AGemmContext.input_buffer`), one barrier says every peer's x is written, and
   the pull GEMM (`kernels.pull_gemm`) loads each A tile from the peer that owns it. See
   `kernels.a2a_context` for why one barrier and two slots make reuse safe.
+
+With W8A8 (``call.w8a8``) each schedule moves what `_Call.send_rows` gives (x quantized to packed
+int8 rows; ``pull`` quantizes straight into its heap slot) and multiplies through
+`_Call.multiply`; the step structure and the collectives are the same.
 """
 
 from __future__ import annotations
@@ -37,8 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .a2a_context import A2AGemmContext
-from .pull_gemm import pull_gemm
-from .recv_gemm import gemm
+from .pull_gemm import gather_rows, pull_gemm
 
 if TYPE_CHECKING:  # the registry lives in all_to_all_gemm, which imports this module
     from .all_to_all_gemm import _Call
@@ -90,7 +93,7 @@ def _local_only(call: "_Call", out: torch.Tensor) -> torch.Tensor:
     """A group of one has nothing to communicate: one GEMM over x."""
     m = call.rows(0)
     if m:
-        gemm(call.x, call.weight, call.bias, out=out[:m], config=call.config.gemm)
+        call.multiply(call.send_rows(), call.weight, call.bias, out[:m])
     return out
 
 
@@ -102,8 +105,8 @@ def chunked(call: "_Call") -> torch.Tensor:
         return out
     if size == 1:
         return _local_only(call, out)
-    x = call.x if call.x.is_contiguous() else call.x.contiguous()
-    k_local = x.shape[1]
+    x = call.send_rows()
+    k_local = x.shape[1]  # the row width sent (K_l, or a packed int8 row)
     sub = -(-chunk // min(call.config.chunks, chunk))  # rows per sub-chunk
     count = -(-chunk // sub)
     context = _context_for(call)
@@ -132,7 +135,7 @@ def chunked(call: "_Call") -> torch.Tensor:
         mine = piece(rank, i)
         if mine:
             blocks = receive[i % 2][: size * mine].view(size, mine, k_local)  # receive layout
-            gemm(blocks, call.weight, call.bias, out=out[i * sub : i * sub + mine], config=call.config.gemm)
+            call.multiply(blocks, call.weight, call.bias, out[i * sub : i * sub + mine])
         pending = following
     return out
 
@@ -145,17 +148,17 @@ def ring(call: "_Call") -> torch.Tensor:
         return out
     if size == 1:
         return _local_only(call, out)
-    x = call.x if call.x.is_contiguous() else call.x.contiguous()
-    k_local = x.shape[1]
+    x = call.send_rows()
+    k_local = call.x.shape[1]
     m = call.rows(rank)
     context = _context_for(call)
     _ensure_communicator(context, call.group)
     weight = call.weight
-    if x.dtype == torch.float32:
+    if call.x.dtype == torch.float32:
         acc = out[:m]  # accumulate in the output itself: nothing to cast
     else:
         acc = context.workspace("ring.acc", (m, weight.shape[0]), torch.float32, x.device)
-    buffers = [context.workspace(f"ring.recv{b}", (m, k_local), x.dtype, x.device) for b in range(2)]
+    buffers = [context.workspace(f"ring.recv{b}", (m, x.shape[1]), x.dtype, x.device) for b in range(2)]
 
     def issue(step: int) -> Callable[[], list]:
         destination, source = (rank + step) % size, (rank - step) % size
@@ -173,12 +176,12 @@ def ring(call: "_Call") -> torch.Tensor:
 
     pending = context.lane.start(issue(1))
     if m:  # step 0: my own heads, no communication
-        gemm(x[rank * chunk : rank * chunk + m], block_weight(rank), call.bias, out=acc, config=call.config.gemm)
+        call.multiply(x[rank * chunk : rank * chunk + m], block_weight(rank), call.bias, acc)
     for step in range(1, size):
         following = context.lane.start(issue(step + 1)) if step + 1 < size else None
         pending.wait()
         if m:
-            gemm(buffers[step % 2], block_weight((rank - step) % size), out=acc, accumulate=True, config=call.config.gemm)
+            call.multiply(buffers[step % 2], block_weight((rank - step) % size), None, acc, accumulate=True)
         pending = following
     if m and acc.data_ptr() != out.data_ptr():
         out[:m].copy_(acc)
@@ -191,14 +194,20 @@ def pull(call: "_Call") -> torch.Tensor:
     out = call.new_output()
     if call.chunk == 0:
         return out
-    view, peers = context.stage_pull_input(call.x)
+    x = call.x
+    if call.w8a8 is not None:  # quantized straight into this call's heap slot
+        x = call.send_rows(out=context.input_buffer(call.tokens, call.row_width, call.wire_dtype))
+    view, peers = context.stage_pull_input(x)
     context.heap.barrier()  # every peer's x for this call is in its slot
     m = call.rows(call.rank)
-    if m:
+    if m and call.w8a8 is None:
         pull_gemm(
             peers, view.stride(), call.rank * call.chunk, m, call.weight, call.bias,
             out=out[:m], s_start=call.rank, config=call.config.gemm,
         )
+    elif m:  # the peers' int8 rows (scales in their tails) gathered once, then the int8 GEMM
+        staged = gather_rows(peers, view.stride(), call.rank * call.chunk, m, call.row_width, call.wire_dtype)
+        call.multiply(staged, call.weight, call.bias, out[:m], s_start=call.rank)
     context.finish_pull()
     return out
 
