@@ -19,7 +19,7 @@ from .all_to_all_gemm import A2AGemmConfig, SCHEDULES, all_to_all_gemm, choose_s
 from .a2a_context import A2AGemmContext
 from .symmetric_heap import HeapUnavailable, SymmetricHeap, heap_support
 from .pull_gemm import pull_gemm
-from .reference import reference_all_to_all_gemm
+from .reference import reference_all_to_all_gemm, reference_all_to_all_w8a8
 from .gemm_reduce_scatter import gemm_reduce_scatter
 
 
@@ -44,4 +44,5 @@ __all__ = [
     "pull_gemm",
     "quantize_rows",
     "reference_all_to_all_gemm",
+    "reference_all_to_all_w8a8",
 ]

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from . import platform
 from .gemm_kernel import INT8, INT32_LIMIT, SUPPORTED_DTYPES, Int8Scales
+from .tiles import round_half_even
 
 #: Packed rows and the scale's place in them are aligned to this many bytes.
 ROW_ALIGNMENT = 16
@@ -54,15 +55,6 @@ def scale_offset(k_local: int) -> int:
 def packed_row_bytes(k_local: int, dynamic: bool) -> int:
     """Bytes of one token's packed row: ``K_l`` (static) or ``scale_offset + 16`` (dynamic)."""
     return scale_offset(k_local) + ROW_ALIGNMENT if dynamic else k_local
-
-
-@triton.jit
-def _rint(v):
-    """Round half to even (``CAST_RINT``, ``torch.round``), portable across Triton backends."""
-    r = tl.floor(v + 0.5)
-    tie = (r - v) == 0.5
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
 
 
 @triton.jit
@@ -115,7 +107,7 @@ def quantize_rows_kernel(
                 if HAS_OFFSET:
                     v = v + offset
             # Clamping before rounding equals rounding then saturating: the bounds are integers.
-            q = _rint(tl.minimum(tl.maximum(v, -128.0), 127.0))
+            q = round_half_even(tl.minimum(tl.maximum(v, -128.0), 127.0))
             tl.store(q_ptr + dst[:, None] * stride_qt + cols[None, :], q.to(tl.int8), mask=mask)
 
 

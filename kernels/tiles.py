@@ -2,7 +2,7 @@
 
 `kernels.gemm_kernel` is one GEMM body whose A and W tiles come from different places (compile-time
 switches); the tile walk, the K walk, the loads and the epilogues it shares with its stream-K
-fix-up kernel live here. They are lowered through the kernels that call them, so they have no
+fix-up kernel live here, and the rounding of W8A8's send-side quantization (`round_half_even`). They are lowered through the kernels that call them, so they have no
 lowering cases of their own.
 """
 
@@ -205,3 +205,14 @@ def partial_tile_offsets(slot, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     rows = sub_m * SUB_M + tl.arange(0, SUB_M)
     cols = sub_n * SUB_N + tl.arange(0, SUB_N)
     return slot * (BLOCK_M * BLOCK_N) + rows[:, None] * BLOCK_N + cols[None, :]
+
+
+@triton.jit
+def round_half_even(v):
+    """fp32 -> nearest integer (still fp32), ties to even: ``CAST_RINT`` (the rounding of Ascend's
+    quantize ops) and ``torch.round``. Written with ``floor`` so it is the same on every Triton
+    backend and in the interpreter (W8A8's send-side quantization, `kernels.quantize`)."""
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
