@@ -50,9 +50,10 @@ autotune: $(ASCEND_ENV)/.ready
 	$(ASCEND_ENV)/bin/python -m autotune
 
 # Benchmarks (side by side with the reference, ratios; CSV + tables in results/): the overlapped
-# all-to-all + GEMM schedules, then o_shared's prefetch.
+# all-to-all + GEMM schedules, W8A8 against bf16, then o_shared's prefetch.
 bench: $(ASCEND_ENV)/.ready
 	$(ASCEND_ENV)/bin/python -m bench.bench_a2a_gemm
+	$(ASCEND_ENV)/bin/python -m bench.bench_w8a8
 	$(ASCEND_ENV)/bin/python -m bench.bench_prefetch
 
 envs: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready $(VLLM_ENV)/.ready

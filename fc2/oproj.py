@@ -266,6 +266,7 @@ class FlashComm2OProj(nn.Module):
                     f"{name}.bias: checkpoint tensor has shape {tuple(loaded_weight.shape)}, expected ({self.output_size},)"
                 )
             param.data.copy_(loaded_weight)
+            self._loads += 1  # W8A8: the once-added bias is derived from it
         else:
             raise ValueError(f"{name}: weight_loader got a parameter that is not one of this module's "
                              f"({', '.join(n for n, _ in self.named_parameters(recurse=False))})")

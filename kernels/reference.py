@@ -25,24 +25,33 @@ def reference_all_to_all_gemm(
     *,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    a, rank, chunk = _padded_all_to_all(x, group)
+    out = torch.matmul(a, weight.t())
+    if bias is not None:
+        out += bias
+    return _zero_past_tokens(out, x.shape[0], rank, chunk)
+
+
+def _padded_all_to_all(payload: torch.Tensor, group) -> tuple[torch.Tensor, int, int]:
+    """vllm-ascend's exchange: ``[S*c, K_l]`` padded, one ``all_to_all_single``, then the
+    transpose/reshape copy to ``[c, S*K_l]``. Returns (that copy, group rank, c)."""
     initialised = dist.is_available() and dist.is_initialized()
     size = dist.get_world_size(group) if initialised else 1
     rank = dist.get_rank(group) if initialised else 0
-    tokens, k_local = x.shape
+    tokens, k_local = payload.shape
     chunk = -(-tokens // size)
-    send = torch.zeros((size * chunk, k_local), dtype=x.dtype, device=x.device)
-    send[:tokens] = x
+    send = torch.zeros((size * chunk, k_local), dtype=payload.dtype, device=payload.device)
+    send[:tokens] = payload
     received = torch.empty_like(send)
     if size > 1:
         dist.all_to_all_single(received, send, group=group)
     else:
         received.copy_(send)
-    a = received.view(size, chunk, k_local).transpose(0, 1).reshape(chunk, size * k_local)
-    out = torch.matmul(a, weight.t())
-    if bias is not None:
-        out += bias
-    valid = max(0, min(chunk, tokens - rank * chunk))
-    out[valid:] = 0
+    return received.view(size, chunk, k_local).transpose(0, 1).reshape(chunk, size * k_local), rank, chunk
+
+
+def _zero_past_tokens(out: torch.Tensor, tokens: int, rank: int, chunk: int) -> torch.Tensor:
+    out[max(0, min(chunk, tokens - rank * chunk)):] = 0
     return out
 
 
@@ -55,11 +64,6 @@ def reference_all_to_all_w8a8(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``weight``: int8 ``[N, S*K_l]``; ``w8a8``: its `kernels.W8A8`. Returns ``[c, N]`` in x's dtype."""
-    initialised = dist.is_available() and dist.is_initialized()
-    size = dist.get_world_size(group) if initialised else 1
-    rank = dist.get_rank(group) if initialised else 0
-    tokens, k_local = x.shape
-    chunk = -(-tokens // size)
     if w8a8.dynamic:
         payload = x
     else:  # npu_quantize(x, 1 / input_scale, input_offset): round half to even, saturate
@@ -67,14 +71,7 @@ def reference_all_to_all_w8a8(
         if w8a8.input_offset is not None:
             values = values + w8a8.input_offset
         payload = torch.round(values.clamp(-128, 127)).to(torch.int8)
-    send = torch.zeros((size * chunk, k_local), dtype=payload.dtype, device=x.device)
-    send[:tokens] = payload
-    received = torch.empty_like(send)
-    if size > 1:
-        dist.all_to_all_single(received, send, group=group)
-    else:
-        received.copy_(send)
-    a = received.view(size, chunk, k_local).transpose(0, 1).reshape(chunk, size * k_local)
+    a, rank, chunk = _padded_all_to_all(payload, group)
     row_scale = None
     if w8a8.dynamic:  # npu_dynamic_quant: per token over all heads
         row_scale = a.float().abs().amax(dim=1) / 127
@@ -86,10 +83,7 @@ def reference_all_to_all_w8a8(
         out = out * row_scale[:, None]
     if bias is not None:
         out += bias.float()
-    out = out.to(x.dtype)
-    valid = max(0, min(chunk, tokens - rank * chunk))
-    out[valid:] = 0
-    return out
+    return _zero_past_tokens(out.to(x.dtype), x.shape[0], rank, chunk)
 
 
 def _int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ def _local_only(call: "_Call", out: torch.Tensor) -> torch.Tensor:
     """A group of one has nothing to communicate: one GEMM over x."""
     m = call.rows(0)
     if m:
-        call.multiply(call.send_rows(), call.weight, call.bias, out[:m])
+        call.multiply(call.x if call.w8a8 is None else call.send_rows(), call.weight, call.bias, out[:m])
     return out
 
 

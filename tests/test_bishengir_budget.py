@@ -149,38 +149,36 @@ def _report(title, table, capsys):
     return precision
 
 
-@pytest.mark.parametrize("target", ["A2", "A3"])
-def test_budget_agrees_with_bishengir_on_the_candidates(target, capsys):
-    specs = _candidate_cases()
+def _check_candidates(specs, target, title, capsys):
     table, errors = _agreement(specs, ASCEND_ARCHS[target])
-    _report(f"{target}, the tuner's candidates x dtypes x epilogues", table, capsys)
+    _report(f"{target}, {title}", table, capsys)
     assert not errors, "\n".join(errors)
     assert table["rejected", "rejected"] + table["rejected", "passes"] + table["rejected", "passes single-buffered"] == 0
 
 
-def test_budget_agrees_with_bishengir_beyond_the_space(capsys):
-    specs = _wide_cases()
+def _check_beyond(specs, title, capsys):
     table, errors = _agreement(specs, ASCEND_ARCHS["A2"])
-    precision = _report("A2, tiles beyond the tuner's space", table, capsys)
+    precision = _report(f"A2, {title}", table, capsys)
     assert not errors, "\n".join(errors)
     assert table["rejected", "rejected"] > 0, "the grid must reach past the limits"
     assert precision >= MIN_REFUSAL_PRECISION
+
+
+@pytest.mark.parametrize("target", ["A2", "A3"])
+def test_budget_agrees_with_bishengir_on_the_candidates(target, capsys):
+    _check_candidates(_candidate_cases(), target, "the tuner's candidates x dtypes x epilogues", capsys)
+
+
+def test_budget_agrees_with_bishengir_beyond_the_space(capsys):
+    _check_beyond(_wide_cases(), "tiles beyond the tuner's space", capsys)
 
 
 @pytest.mark.parametrize("target", ["A2", "A3"])
 def test_int8_budget_agrees_with_bishengir_on_the_candidates(target, capsys):
     specs = _int8_candidate_cases()
     assert specs, "the tuner has no int8 candidates"
-    table, errors = _agreement(specs, ASCEND_ARCHS[target])
-    _report(f"{target}, the int8 candidates x modes x output dtypes x epilogues", table, capsys)
-    assert not errors, "\n".join(errors)
-    assert table["rejected", "rejected"] + table["rejected", "passes"] + table["rejected", "passes single-buffered"] == 0
+    _check_candidates(specs, target, "the int8 candidates x modes x output dtypes x epilogues", capsys)
 
 
 def test_int8_budget_agrees_with_bishengir_beyond_the_space(capsys):
-    specs = _int8_wide_cases()
-    table, errors = _agreement(specs, ASCEND_ARCHS["A2"])
-    precision = _report("A2, int8 tiles beyond the tuner's space", table, capsys)
-    assert not errors, "\n".join(errors)
-    assert table["rejected", "rejected"] > 0, "the grid must reach past the limits"
-    assert precision >= MIN_REFUSAL_PRECISION
+    _check_beyond(_int8_wide_cases(), "int8 tiles beyond the tuner's space", capsys)

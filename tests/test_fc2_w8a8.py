@@ -16,6 +16,7 @@ from tests.w8a8_reference import (
     ascend_static_params,
     chunk_rows,
     dequantized_chunk,
+    load_checkpoint,
     make_w8a8_problem,
 )
 
@@ -63,7 +64,7 @@ def checkpoint(problem, scheme: str, dtype: torch.dtype) -> dict:
     return tensors
 
 
-def _run(tp, otp, cases, k_local=16, d_model=48):
+def _run(tp, otp, cases, k_local=16, d_model=48, pull_max_tokens=0):
     import fc2
     from fc2.quant import W8A8Spec
 
@@ -74,13 +75,12 @@ def _run(tp, otp, cases, k_local=16, d_model=48):
             dtype = DTYPES[dtype_name]
             fields, kind, strategy = SCHEMES[scheme]
             problem = make_w8a8_problem(seed, tokens, tp * k_local, d_model, dtype, bias, kind, strategy)
-            config = fc2.FC2Config(otp_size=otp, output_layout=layout, rs_chunks=rs_chunks, schedule=schedule)
+            config = fc2.FC2Config(otp_size=otp, output_layout=layout, rs_chunks=rs_chunks, schedule=schedule,
+                                   pull_max_tokens=pull_max_tokens)
             module = fc2.FlashComm2OProj(tp * k_local, d_model, bias=bias, params_dtype=dtype, config=config,
                                          groups=groups, prefix="model.layers.2.self_attn.o_proj",
                                          quant=W8A8Spec(*fields))
-            for name, tensor in checkpoint(problem, scheme, dtype).items():
-                param = getattr(module, name)
-                param.weight_loader(param, tensor)
+            load_checkpoint(module, checkpoint(problem, scheme, dtype))
             r = groups.tp_rank
             out, _ = module(problem.x_full[:, r * k_local : (r + 1) * k_local])
             size, rank = (tp, r) if layout == "sequence" else (1, 0)
@@ -134,6 +134,13 @@ def test_schedules_and_three_calls_in_a_row(pools, schedule):
     _assert(pools(2).run(_run, 2, 1, cases * 1, timeout=DEADLINE))
 
 
+def test_pull_schedule_quantizes_into_the_heap(pools):
+    """pull: the int8 rows (dynamic scales in their tails) are written straight into the heap slot."""
+    cases = [(80 + i, 7, scheme, "bf16", True, "sequence", None, "pull")
+             for i, scheme in enumerate(["ascend-dynamic", "ct-static-asym", "ascend-static", "ct-dynamic"])]
+    _assert(pools(2).run(_run, 2, 1, cases, pull_max_tokens=16, timeout=DEADLINE))
+
+
 def _repeat_one_module(tp):
     """One module, three forwards on new data; then a reload of its scales takes effect."""
     import fc2
@@ -149,8 +156,7 @@ def _repeat_one_module(tp):
                 module = fc2.FlashComm2OProj(tp * 16, 32, bias=True, params_dtype=torch.bfloat16, groups=groups,
                                              quant=W8A8Spec("vllm-ascend", "dynamic"))
             if call in (0, 3):  # load (call 3: a new checkpoint into the same module)
-                for name, tensor in checkpoint(problem, "ascend-dynamic", torch.bfloat16).items():
-                    getattr(module, name).weight_loader(getattr(module, name), tensor)
+                load_checkpoint(module, checkpoint(problem, "ascend-dynamic", torch.bfloat16))
             r = groups.tp_rank
             x = torch.randn(9, tp * 16, generator=torch.Generator().manual_seed(call)).to(torch.bfloat16)
             problem.x_full = x
@@ -197,8 +203,7 @@ def _bad_inputs(tp):
                 found[name] = f"{type(error).__name__}: {error}"
             else:
                 found[name] = "no error"
-        for name, tensor in checkpoint(problem, "ct-static", torch.bfloat16).items():
-            getattr(module, name).weight_loader(getattr(module, name), tensor)
+        load_checkpoint(module, checkpoint(problem, "ct-static", torch.bfloat16))
         r = groups.tp_rank
         out, _ = module(problem.x_full[:, r * 16 : (r + 1) * 16])  # the group is still in step
         good = relative_error(out, dequantized_chunk(problem, tp, r, "static"))

@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 from tests.dense import relative_error
-from tests.test_fc2_vllm import TIMEOUT, _vllm_ready, _vllm_shutdown
-from tests.w8a8_reference import dequantized_chunk, make_w8a8_problem
+from tests.test_fc2_w8a8 import checkpoint as w8a8_checkpoint
+from tests.test_fc2_vllm import TIMEOUT, _shutdown_vllm_in_workers, _vllm_ready  # noqa: F401  (the fixture)
+from tests.w8a8_reference import dequantized_chunk, load_checkpoint, make_w8a8_problem
 
 pytestmark = [
     pytest.mark.vllm_env,
@@ -45,22 +46,13 @@ pytestmark = [
 ]
 
 K, D = 128, 64
-#: case -> (input activations of the compressed-tensors config, the problem's kind)
+#: case -> (input activations of the compressed-tensors config, the problem's kind, the scheme id
+#: of tests.test_fc2_w8a8 whose checkpoint layout it is)
 CASES = {
-    "static": ({"strategy": "tensor", "dynamic": False, "symmetric": True}, "static"),
-    "static-asym": ({"strategy": "tensor", "dynamic": False, "symmetric": False}, "static-asym"),
-    "dynamic": ({"strategy": "token", "dynamic": True, "symmetric": True}, "dynamic"),
+    "static": ({"strategy": "tensor", "dynamic": False, "symmetric": True}, "static", "ct-static"),
+    "static-asym": ({"strategy": "tensor", "dynamic": False, "symmetric": False}, "static-asym", "ct-static-asym"),
+    "dynamic": ({"strategy": "token", "dynamic": True, "symmetric": True}, "dynamic", "ct-dynamic"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shutdown_vllm_in_workers(pools):
-    yield
-    from tests.conftest import _pools
-
-    for pool in list(_pools.values()):
-        if pool.alive:
-            pool.run(_vllm_shutdown, timeout=120)
 
 
 def quantization_config(activations: dict) -> dict:
@@ -74,17 +66,6 @@ def quantization_config(activations: dict) -> dict:
         }},
         "ignore": ["lm_head"],
     }
-
-
-def _checkpoint(problem) -> dict:
-    tensors = {"weight": problem.weight_q, "weight_scale": problem.weight_scale.reshape(-1, 1).float()}
-    if problem.input_scale is not None:
-        tensors["input_scale"] = problem.input_scale.float()
-    if problem.input_offset is not None:
-        tensors["input_zero_point"] = problem.input_offset
-    if problem.bias is not None:
-        tensors["bias"] = problem.bias
-    return tensors
 
 
 def _vllm_math(linear, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -116,7 +97,7 @@ def _compare(case: str, bias: bool):
 
     state = _vllm_ready()
     world, rank = dist.get_world_size(), dist.get_rank()
-    activations, kind = CASES[case]
+    activations, kind, scheme = CASES[case]
     directory = os.path.join(state["directory"], f"w8a8-{case}")
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as handle:  # the checkpoint's config
@@ -127,17 +108,14 @@ def _compare(case: str, bias: bool):
     prefix = "model.layers.0.self_attn.o_proj"
     linear = RowParallelLinear(K, D, bias=bias, quant_config=config, prefix=prefix, params_dtype=torch.bfloat16)
     problem = make_w8a8_problem(11, 1, K, D, torch.bfloat16, bias, kind)
-    checkpoint = _checkpoint(problem)
-    for name, tensor in checkpoint.items():  # vLLM's own loaders: each rank keeps its K shard
-        param = getattr(linear, name)
-        param.weight_loader(param, tensor)
+    checkpoint = w8a8_checkpoint(problem, scheme, torch.bfloat16)
+    load_checkpoint(linear, checkpoint)  # vLLM's own loaders: each rank keeps its K shard
     decision = classify(linear)
 
     fc2_config = fc2.FC2Config(otp_size=1, output_layout="replicated")
     module = fc2.FlashComm2OProj(K, D, bias=bias, params_dtype=torch.bfloat16, prefix=prefix, config=fc2_config,
                                  groups=vllm_groups(fc2_config), quant=decision.spec)
-    for name, tensor in checkpoint.items():  # ours: the full tensors, this rank keeps its part
-        getattr(module, name).weight_loader(getattr(module, name), tensor)
+    load_checkpoint(module, checkpoint)  # ours: the full tensors, this rank keeps its part
     shards = torch.empty((world, D, K // world), dtype=torch.int8)
     all_gather_single(shards.view(world * D, K // world), linear.weight.detach().contiguous())
     same_params = torch.equal(module.weight, shards.permute(1, 0, 2).reshape(D, K)) and all(

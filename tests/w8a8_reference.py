@@ -138,3 +138,10 @@ def ascend_static_chunk(problem: W8A8Problem, size: int, rank: int) -> torch.Ten
     q = quantize_static(problem.x_full, problem.input_scale, problem.input_offset)
     acc = q.to(torch.int64) @ problem.weight_q.to(torch.int64).t() + params["quant_bias"].to(torch.int64)
     return chunk_rows(acc.double() * params["deq_scale"].double(), size, rank)
+
+
+def load_checkpoint(module, tensors: dict) -> None:
+    """Every tensor through its parameter's own ``weight_loader`` (vLLM's loading convention)."""
+    for name, tensor in tensors.items():
+        param = getattr(module, name)
+        param.weight_loader(param, tensor)
