@@ -19,10 +19,12 @@ step), fp32 accumulation) is the same for all:
   `kernels.pull_gemm` and multiplied from there, so no remote element crosses the link twice.
 
 Work decomposition (runtime integers, one compiled kernel for all; `plan_decomposition`):
-persistent grid of ``P`` programs (one per core unless ``config.num_programs`` says fewer). Phase
-1: the first ``dp_tiles`` output tiles, ``pid, pid + P, ...``, each a whole K walk. Phase 2 (split-K
-or stream-K): the K iterations of the remaining tiles, laid end to end, are cut into ``sk_workers``
-ranges of ``sk_iters``; worker w (run by program ``w % P``) computes its range. A tile a worker
+persistent grid of ``P`` programs (one per core unless ``config.num_programs`` says fewer), one
+loop over segments (one K-walk call site, so bishengir plans one set of tile buffers). First the
+``dp_tiles`` whole output tiles, ``pid, pid + P, ...``. Then (split-K or stream-K) the K
+iterations of the remaining tiles, laid end to end, are cut into ``sk_workers`` ranges of
+``sk_iters``; a range covers at most two tiles (its parts), and worker w's parts run on program
+``w % P`` when ``dp_tiles`` is a multiple of P and there are P workers (stream-K). A tile a worker
 covers whole is stored directly; a piece of a tile goes to slot ``w * slots_per_worker + (0 for its
 first tile, 1 for its last)`` of an fp32 workspace ``[slots, BLOCK_M, BLOCK_N]``, and
 `gemm_fixup_kernel` then sums each split tile's pieces in worker order (deterministic) and applies
@@ -66,7 +68,7 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     W_FROM_TABLE: tl.constexpr, TMA: tl.constexpr, MASK_MN: tl.constexpr, ASCEND_HINTS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -80,37 +82,42 @@ def gemm_kernel(
     num_tiles = num_pid_m * num_pid_n
     k_steps = tl.cdiv(K_S, BLOCK_K)
     iters = S * k_steps
-    # Phase 1: whole tiles.
-    for tile in range(pid, dp_tiles, num_programs):
-        pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, diagonal, GROUP_M)
-        acc = tile_product(a_ptr, w_src, pid_m, pid_n, 0, iters, M, N, K_S, S, s_start, k_steps,
-                           stride_as, stride_am, stride_ak, stride_wn, stride_wk,
-                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        store_tile(acc, c_ptr, bias_ptr, rm, rn, rm < M, rn < N, stride_cm, stride_cn, HAS_BIAS, ACCUMULATE)
-    # Phase 2: K ranges of the remaining tiles (split-K / stream-K).
     sk_total = (num_tiles - dp_tiles) * iters
-    for worker in range(pid, sk_workers, num_programs):
+    # One loop over segments, one `tile_product` call site: bishengir plans L1 / L0C buffers per
+    # dot site, so a second K loop (a phase of its own for split-K / stream-K) would double the
+    # on-chip memory of every tile. Segment u < dp_tiles is whole tile u (phase 1, programs
+    # pid, pid + P, ...). Segment dp_tiles + j is part j // sk_workers (0: the range's first tile,
+    # 1: the next one, when a range straddles two) of worker j % sk_workers's K range, so program
+    # p runs worker p's range when there are as many workers as programs (stream-K). A range
+    # holds at most two tiles (sk_iters <= iters), empty parts multiply nothing and store nothing.
+    for u in range(pid, dp_tiles + slots_per_worker * sk_workers, num_programs):
+        j = tl.maximum(u - dp_tiles, 0)
+        worker = j % tl.maximum(sk_workers, 1)
+        part = j // tl.maximum(sk_workers, 1)
         start = worker * sk_iters
         end = tl.minimum(start + sk_iters, sk_total)
         first = start // iters
-        for t in range(first, (end - 1) // iters + 1):
-            lo = tl.maximum(start - t * iters, 0)
-            hi = tl.minimum(end - t * iters, iters)
-            pid_m, pid_n = tile_coords(dp_tiles + t, num_pid_m, num_pid_n, diagonal, GROUP_M)
-            acc = tile_product(a_ptr, w_src, pid_m, pid_n, lo, hi, M, N, K_S, S, s_start, k_steps,
-                               stride_as, stride_am, stride_ak, stride_wn, stride_wk,
-                               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION)
-            # A whole tile is final: stored with the epilogue. A piece goes to the workspace for
-            # the fix-up. Masked stores rather than a branch: with a branch bishengir stages the
-            # fp32 tile through UB and overflows it at 128 x 256.
-            whole = (lo == 0) & (hi == iters)
-            piece = (lo != 0) | (hi != iters)
-            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            store_tile(acc, c_ptr, bias_ptr, rm, rn, (rm < M) & whole, rn < N, stride_cm, stride_cn, HAS_BIAS, ACCUMULATE)
-            slot = worker * slots_per_worker + tl.where(t == first, 0, 1)
+        t = first + part
+        lo = tl.maximum(start - t * iters, 0)
+        hi = tl.minimum(end - t * iters, iters)
+        whole_tile = u < dp_tiles
+        t = tl.where(whole_tile, u - dp_tiles, t)
+        lo = tl.where(whole_tile, 0, lo)
+        hi = tl.where(whole_tile, iters, hi)
+        pid_m, pid_n = tile_coords(dp_tiles + t, num_pid_m, num_pid_n, diagonal, GROUP_M)
+        acc = tile_product(a_ptr, w_src, pid_m, pid_n, lo, hi, M, N, K_S, S, s_start, k_steps,
+                           stride_as, stride_am, stride_ak, stride_wn, stride_wk,
+                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION)
+        # A whole tile is final: stored with the epilogue. A piece goes to the workspace for the
+        # fix-up. Masked stores rather than a branch: with a branch bishengir stages the fp32 tile
+        # through UB and overflows it at 128 x 256.
+        whole = (lo == 0) & (hi == iters)
+        piece = (lo < hi) & ((lo != 0) | (hi != iters))
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        store_tile(acc, c_ptr, bias_ptr, rm, rn, (rm < M) & whole, rn < N, stride_cm, stride_cn, HAS_BIAS, ACCUMULATE)
+        if SPLIT:  # compiled only for split-K / stream-K: a second store of the tile costs UB
+            slot = worker * slots_per_worker + part
             tl.store(partial_ptr + partial_tile_offsets(slot, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N, 0, 0), acc,
                      mask=((tl.arange(0, BLOCK_M) < BLOCK_M) & piece)[:, None])
 
@@ -304,6 +311,7 @@ def kernel_constexprs(config: GemmConfig, k_s: int, has_bias: bool, accumulate: 
         EVEN_K=k_s % config.block_k == 0,
         HAS_BIAS=has_bias,
         ACCUMULATE=accumulate,
+        SPLIT=config.splits_k,
         # fp32 inputs multiply in full precision (CUDA would otherwise use TF32); 16-bit inputs
         # are exact in either mode.
         INPUT_PRECISION="ieee",

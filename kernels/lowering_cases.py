@@ -51,7 +51,7 @@ EPILOGUES = ((False, False), (True, False), (False, True))
 
 def config_tag(config: GemmConfig) -> str:
     return (f"{config.block_m}x{config.block_n}x{config.block_k}-g{config.group_m}"
-            f"-w{config.num_warps}-s{config.num_stages}")
+            f"-w{config.num_warps}-s{config.num_stages}{'-split' if config.splits_k else ''}")
 
 
 def _compile_options(config: GemmConfig, target: str) -> dict:
