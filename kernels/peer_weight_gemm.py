@@ -119,7 +119,7 @@ def peer_weight_gemm(
         raise TypeError(f"weight: dtype {weight.dtype} differs from a's {blocks.dtype}")
     if weight.table.device != blocks.device:
         raise ValueError(f"weight: address table on {weight.table.device}, a on {blocks.device}")
-    if weight.table.device.type == "cpu" and int(weight.table[weight.entry]) % 16:
+    if not platform.has_streams() and int(weight.table[weight.entry]) % 16:  # free on CPU; a sync on a device
         raise ValueError(f"weight: address {int(weight.table[weight.entry]):#x} is not 16-byte aligned")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
@@ -136,14 +136,17 @@ def peer_weight_gemm(
     config = config or default_gemm_config(m, n, k, platform.device_kind())
     num_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     programs = min(num_tiles, config.num_programs or platform.num_programs("cube"))
-    peer_weight_gemm_kernel[(programs,)](
-        blocks, weight.table, weight.entry, bias if bias is not None else blocks, out,
-        m, n, k_s, s, s_start % s,
-        blocks.stride(0), blocks.stride(1), blocks.stride(2),
-        out.stride(0), out.stride(1),
-        **kernel_constexprs(config, k_s, bias is not None, accumulate),
-        **launch_options(config),
-    )
+    span = platform.PeerSpan(weight.table, (weight.entry,), 0, n * k * blocks.element_size())
+    reads = (blocks, weight.table, bias, out if accumulate else None)
+    with platform.kernel_scope("peer_weight_gemm", reads, (out,), (span,)):
+        peer_weight_gemm_kernel[(programs,)](
+            blocks, weight.table, weight.entry, bias if bias is not None else blocks, out,
+            m, n, k_s, s, s_start % s,
+            blocks.stride(0), blocks.stride(1), blocks.stride(2),
+            out.stride(0), out.stride(1),
+            **kernel_constexprs(config, k_s, bias is not None, accumulate),
+            **launch_options(config),
+        )
     return out
 
 

@@ -117,15 +117,21 @@ def pull_gemm(
     config = config or default_gemm_config(rows, n, k, platform.device_kind())
     num_tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(n, config.block_n)
     programs = min(num_tiles, config.num_programs or platform.num_programs("cube"))
-    pull_gemm_kernel[(programs,)](
-        peers, weight, bias if bias is not None else weight, out,
-        rows, n, k_s, s, s_start % s, row_start,
-        stride_am, stride_ak,
-        weight.stride(0), weight.stride(1),
-        out.stride(0), out.stride(1),
-        **kernel_constexprs(config, k_s, bias is not None),
-        **launch_options(config),
+    element = weight.element_size()
+    span = platform.PeerSpan(  # rows [row_start, row_start + rows) of every peer's block
+        peers, range(s), row_start * stride_am * element,
+        ((row_start + rows - 1) * stride_am + (k_s - 1) * stride_ak + 1) * element,
     )
+    with platform.kernel_scope("pull_gemm", (peers, weight, bias), (out,), (span,)):
+        pull_gemm_kernel[(programs,)](
+            peers, weight, bias if bias is not None else weight, out,
+            rows, n, k_s, s, s_start % s, row_start,
+            stride_am, stride_ak,
+            weight.stride(0), weight.stride(1),
+            out.stride(0), out.stride(1),
+            **kernel_constexprs(config, k_s, bias is not None),
+            **launch_options(config),
+        )
     return out
 
 

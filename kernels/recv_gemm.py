@@ -148,15 +148,17 @@ def gemm(
     config = config or default_gemm_config(m, n, k, platform.device_kind())
     num_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     programs = min(num_tiles, config.num_programs or platform.num_programs("cube"))
-    recv_layout_gemm_kernel[(programs,)](
-        blocks, weight, bias if bias is not None else weight, out,
-        m, n, k_s, s, s_start % s,
-        blocks.stride(0), blocks.stride(1), blocks.stride(2),
-        weight.stride(0), weight.stride(1),
-        out.stride(0), out.stride(1),
-        **kernel_constexprs(config, k_s, bias is not None, accumulate),
-        **launch_options(config),
-    )
+    reads = (blocks, weight, bias, out if accumulate else None)
+    with platform.kernel_scope("recv_gemm", reads, (out,)):
+        recv_layout_gemm_kernel[(programs,)](
+            blocks, weight, bias if bias is not None else weight, out,
+            m, n, k_s, s, s_start % s,
+            blocks.stride(0), blocks.stride(1), blocks.stride(2),
+            weight.stride(0), weight.stride(1),
+            out.stride(0), out.stride(1),
+            **kernel_constexprs(config, k_s, bias is not None, accumulate),
+            **launch_options(config),
+        )
     return out
 
 
