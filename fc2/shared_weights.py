@@ -61,6 +61,8 @@ from kernels.weight_broadcast import (
 
 #: Attribute a registered module carries: the series it belongs to (`finalize` looks for it).
 SERIES_ATTR = "fc2_shared_series"
+#: Attribute set on the hooks `early_hook` makes (`fc2.graphs` refuses them in piecewise graphs).
+EARLY_HOOK_ATTR = "fc2_early_hook"
 
 Weight = Union[torch.Tensor, PeerWeight]
 
@@ -496,12 +498,19 @@ class SharedWeightSeries:
         def hook(module, args):
             self.reach_layer(layer_idx)
 
+        setattr(hook, EARLY_HOOK_ATTR, True)
         return hook
 
-    def synchronize(self) -> None:
-        """Wait until every transfer in flight is complete (sender side included)."""
+    def _quiesce(self) -> None:
+        """Make every transfer in flight safe to tear down (sender side included): collectives
+        joined into the current stream, the heap transport's copies waited by the host. Their
+        results are not used (the fetches are forgotten)."""
+        copies = any(fetch.event is not None for _, fetch in self._inflight.values())
         for _, fetch in self._inflight.values():
-            fetch.drain()
+            fetch.abandon()
+        self._inflight.clear()
+        if copies:  # every other copy was waited by the compute stream already
+            self._transport.synchronize()
 
     def prepare_for_capture(self, mode: str) -> None:
         """Switch to graph mode ``mode`` ("none", "piecewise", "full") for every later pass.
@@ -512,7 +521,8 @@ class SharedWeightSeries:
         transfer is joined by the layer that uses it, and the heap transport forks its copy
         stream from the compute stream anew at each capture piece: a replayed pass is the captured
         one, and every fork is joined inside the pass (``full``) or the layer (``piecewise``,
-        which therefore needs ``prefetch_step = 0``). What is in flight now is drained first."""
+        which therefore needs ``prefetch_step = 0``). What is in flight now is abandoned (a
+        graph-mode pass fetches its own layers)."""
         refusal = capture_refusal(mode, self.prefetch_step, self.name)
         if refusal:
             raise ValueError(refusal)
@@ -526,7 +536,7 @@ class SharedWeightSeries:
                 f"{self._layers[self._cursor]}); call it between forward passes"
             )
         for _, fetch in self._inflight.values():
-            fetch.wait()
+            fetch.abandon()  # a graph-mode pass fetches its own layers again
         self._inflight.clear()
         self.graph_mode = mode
         self._sequence = 0
@@ -539,7 +549,7 @@ class SharedWeightSeries:
         if self._closed:
             return
         if self._finalized:
-            self.synchronize()
+            self._quiesce()
         self._inflight.clear()
         if self._transport is not None:
             self._transport.close()

@@ -254,6 +254,17 @@ class StreamGraph:
             result[key] = found[0] if found else None
         return result
 
+    def unwaited_records(self) -> set:
+        """Record sites whose event nobody waits for (no wait and no host synchronisation refers
+        to that record): dropping one changes nothing, because the transfer it marks was never
+        used (an eager prefetch still in flight at teardown)."""
+        waited = set()
+        for preds in self._preds:
+            for source, _ in preds:
+                if isinstance(source, tuple) and source[0] == "event":
+                    waited.add(source[1:])
+        return {site for (rank, event, k), (_, site) in self._records.items() if (rank, event, k) not in waited}
+
     # ---- graph capture --------------------------------------------------------------------------
 
     def _capture_violations(self, local: list[int], drop: Optional[tuple]) -> list[Violation]:
@@ -278,7 +289,7 @@ class StreamGraph:
                         resolved = self._resolve(source, drop)
                         if resolved in self._end_set:  # a collective: this rank's part must be inside
                             resolved = next(s for s, _ in self._preds[resolved])
-                        if resolved is not None and not start < resolved < end:
+                        if resolved is not None and not start <= resolved < end:
                             found.append(Violation("outside wait", f"{self.labels[gid]} waits on {self.labels[resolved]}, "
                                                                    f"recorded before {where}"))
         return found

@@ -198,8 +198,9 @@ class RecordedWork:
         self._ref = ref
 
     def wait(self, timeout=None) -> bool:
-        for work in self._works:
-            work.wait() if timeout is None else work.wait(timeout)
+        with self._recorder.quiet():  # gloo may copy results into place here: the collective's own writes
+            for work in self._works:
+                work.wait() if timeout is None else work.wait(timeout)
         self._recorder._wait_work(self._ref)
         return True
 
@@ -548,13 +549,13 @@ class StreamRecorder:
         if self.capturing:
             raise RuntimeError("stream recorder: pieces do not nest")
         origin = self._current.name
-        start = self._node("mark", origin, f"capture {name}: begin")
+        start = self._node("mark", origin, "capture: begin")
         self.capturing = True
         try:
             yield
         finally:
             self.capturing = False
-            end = self._node("mark", origin, f"capture {name}: end")
+            end = self._node("mark", origin, "capture: end")
             self._pieces.append(Piece(name, origin, start, end))
 
     def mark(self, label: str) -> None:

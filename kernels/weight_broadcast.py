@@ -129,15 +129,13 @@ class Fetch:
             platform.current_stream().wait_event(self.event)
         self._done = True
 
-    def drain(self) -> None:
-        """Before tearing the transport down: the current stream waits for a collective, the
-        host for a copy (whose source, a peer's heap, may be unmapped next)."""
-        if self._done:
-            return
-        if self.work is not None:
+    def abandon(self) -> None:
+        """The transfer's result will not be used (a mode switch, teardown): only make sure its
+        buffers are not reused under it. A collective's work is waited on the current stream; a
+        copy needs nothing here (later copies into the window run after it on the same stream;
+        `HeapTransport.synchronize` waits for all of them before teardown)."""
+        if self.work is not None and not self._done:
             self.work.wait()
-        if self.event is not None:
-            self.event.synchronize()
         self._done = True
 
 
@@ -173,6 +171,11 @@ class _Transport:
         on a stream of its own must wait for it; one whose transfer follows the current stream
         anyway ignores it)."""
         raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Before teardown, after every fetch in flight was waited or abandoned: the host waits
+        for whatever of this transport's own still runs (nothing for collectives, whose works the
+        current stream has waited)."""
 
     def peer_weight(self, position: int) -> PeerWeight:
         raise ValueError(f"transport {self.name!r} cannot read weights in place; use transport='heap'")
@@ -265,6 +268,10 @@ class HeapTransport(_Transport):
             copy_from_peer(window, self.table, position)
             event.record(self._stream)
         return Fetch(event=event)
+
+    def synchronize(self) -> None:
+        if self._stream is not None:  # every copy (each one's event came after it on this stream)
+            self._stream.synchronize()
 
     def peer_weight(self, position: int) -> PeerWeight:
         return PeerWeight(self.table, position, tuple(self.spec.shape), self.spec.dtype, self.ownership.owner(position))

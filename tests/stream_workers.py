@@ -30,3 +30,148 @@ def schedule_run(schedule: str, cases: list, heap_bytes=None, drop=None):
         errors.append(relative_error(out, dense_chunk(x_full, weight, b, size, rank)))
     context.close()
     return recorder.trace(), errors
+
+
+def oshared_run(transport: str, layers: int, prefetch_step: int, passes: int = 3, mode: str = "none",
+                tokens=(5, 2, 9), drop=None, prepare: bool = True, a2a: bool = False):
+    """An o_shared series of ``layers`` layers (world = the sharing group), finalized and run for
+    ``passes`` passes under the recorder: each layer reaches, waits and runs the o_proj GEMM
+    (a local GEMM of all heads, or with ``a2a`` a sequential all_to_all_gemm in the world group,
+    whose collective also orders the ranks). Graph modes: ``prepare_for_capture(mode)``
+    after one eager warm-up pass (skipped with ``prepare=False``: today's eager protocol), each
+    pass (full) or layer (piecewise) recorded as a captured piece, each pass marked
+    ``pass <i>``. Returns (trace, per-layer errors)."""
+    import kernels
+    from kernels.stream_recorder import StreamRecorder
+    from tests.oshared_workers import DTYPES, K_LOCAL, N_OUT, build_series, layer_input, layer_weight, weight_group
+
+    size, rank = dist.get_world_size(), dist.get_rank()
+    members = list(range(size))
+    case = dict(seed=41, L=layers, start=3, p=prefetch_step, transport=transport, dtype="fp32")
+    outs = []
+    with StreamRecorder(drop=drop) as recorder:
+        series, modules, layer_ids = build_series(case, weight_group(tuple(members)), members)
+        series.finalize()
+
+        def run_pass(index: int, captured: bool) -> None:
+            recorder.mark(f"pass {index}")
+            whole = recorder.piece(f"pass {index}") if captured and mode == "full" else _null()
+            with whole:
+                for module in modules:
+                    layer = module.layer_idx
+                    step = tokens[index % len(tokens)]
+                    x_full = layer_input(41, layer, index, step, size * K_LOCAL, DTYPES["fp32"])
+                    x = x_full[:, rank * K_LOCAL : (rank + 1) * K_LOCAL].contiguous() if a2a else x_full
+                    piece = recorder.piece(f"pass {index} layer {layer}") if captured and mode == "piecewise" else _null()
+                    with piece:
+                        series.reach_layer(layer, tokens=step)
+                        weight = series.wait_weight(layer, tokens=step)
+                        if a2a:
+                            out = kernels.all_to_all_gemm(x, weight, schedule="sequential")
+                        else:
+                            out = kernels.gemm(x, weight)
+                    recorder.reuse(x, out)
+                    w_ref = layer_weight(41, layer, N_OUT, size * K_LOCAL, torch.float32)
+                    outs.append((out, x_full, w_ref))
+
+        captured = mode != "none"
+        run_pass(0, False)  # eager warm-up (vLLM's profile run)
+        if captured and prepare:
+            series.prepare_for_capture(mode)
+        for index in range(1, passes + 1):
+            run_pass(index, captured)
+        recorder.mark("end")
+        series.close()
+    split, me = (size, rank) if a2a else (1, 0)
+    errors = [relative_error(out, dense_chunk(x_full, w, None, split, me)) for out, x_full, w in outs]
+    return recorder.trace(), errors
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def rs_run(cases: list, drop=None):
+    """Pipelined (and plain) `kernels.gemm_reduce_scatter` calls under the recorder, reusing one
+    ``out`` buffer call after call. Cases: (seed, rows per rank, k_shard, n, dtype, chunks)."""
+    from kernels.gemm_reduce_scatter import gemm_reduce_scatter, pipeline_row_order
+    from kernels.stream_recorder import StreamRecorder
+
+    size, rank = dist.get_world_size(), dist.get_rank()
+    results = []
+    with StreamRecorder(drop=drop) as recorder:
+        for seed, rows, k_shard, n, dtype, chunks in cases:
+            gen = torch.Generator().manual_seed(seed)
+            a_full = torch.randn(size * rows, size * k_shard, generator=gen).to(dtype)
+            w_full = (torch.randn(n, size * k_shard, generator=gen) / (size * k_shard) ** 0.5).to(dtype)
+            cols = slice(rank * k_shard, (rank + 1) * k_shard)
+            order = torch.tensor(pipeline_row_order(rows, size, chunks), dtype=torch.long)
+            a = a_full[:, cols][order]
+            weight = w_full[:, cols].contiguous()
+            out = gemm_reduce_scatter(a, weight, chunks=chunks)
+            recorder.reuse(a, weight, out)
+            results.append((out, a_full, w_full, rows))
+    errors = []
+    for out, a_full, w_full, rows in results:
+        expected = (a_full.double() @ w_full.double().t())[rank * rows : (rank + 1) * rows]
+        errors.append(relative_error(out, expected))
+    return recorder.trace(), errors
+
+
+def oproj_run(tp: int, otp: int, layers: int, config: dict, mode: str = "none", passes: int = 3, tokens: int = 7,
+              prepare: bool = True, max_tokens=None, early: bool = False):
+    """``layers`` `FlashComm2OProj` modules (config ``FC2Config(otp_size=otp, **config)``) run for
+    one eager warm-up pass and ``passes`` more under the recorder, each pass marked ``pass <i>``;
+    in a graph mode (after `fc2.graphs.prepare_for_capture` unless ``prepare=False``) each pass
+    (full) or each o_proj call (piecewise) is a captured piece. Returns (trace, errors)."""
+    from torch import nn
+
+    import fc2
+    import fc2.graphs
+    import fc2.shared_weights as shared
+    from kernels.stream_recorder import StreamRecorder
+    from tests.oshared_workers import layer_input, layer_weight
+
+    k_local, d_model = 16, 32
+    groups = fc2.build_groups(tp, otp)
+    outs = []
+    with StreamRecorder() as recorder:
+        cfg = fc2.FC2Config(otp_size=otp, **config)
+        model = nn.ModuleList()
+        for layer in range(layers):
+            module = fc2.FlashComm2OProj(tp * k_local, d_model, params_dtype=torch.float32, config=cfg, groups=groups,
+                                         prefix=f"model.layers.{layer}.self_attn.o_proj")
+            module.weight_loader(module.weight, layer_weight(5, layer, d_model, tp * k_local, torch.float32))
+            model.append(module)
+        fc2.finalize(model)
+        if early:
+            shared.install_early_hooks(model)
+        r = groups.tp_rank
+
+        def run_pass(index: int, captured: bool) -> None:
+            recorder.mark(f"pass {index}")
+            whole = recorder.piece(f"pass {index}") if captured and mode == "full" else _null()
+            with whole:
+                for layer, module in enumerate(model):
+                    x_full = layer_input(5, layer, index, tokens, tp * k_local, torch.float32)
+                    x = x_full[:, r * k_local : (r + 1) * k_local].contiguous()
+                    piece = recorder.piece(f"pass {index} layer {layer}") if captured and mode == "piecewise" else _null()
+                    with piece:
+                        out, _ = module(x)
+                    recorder.reuse(x, out)
+                    outs.append((out, x_full, layer_weight(5, layer, d_model, tp * k_local, torch.float32)))
+
+        run_pass(0, False)
+        if mode != "none" and prepare:
+            fc2.graphs.prepare_for_capture(model, mode, max_tokens=max_tokens)
+        for index in range(1, passes + 1):
+            run_pass(index, mode != "none")
+        recorder.mark("end")
+        shared.close(model)
+        groups.destroy()
+    errors = [relative_error(out, dense_chunk(x_full, w, None, tp, r)) for out, x_full, w in outs]
+    return recorder.trace(), errors
