@@ -9,26 +9,38 @@ import torch.distributed as dist
 from tests.dense import dense_chunk, make_problem, relative_error
 
 
-def schedule_run(schedule: str, cases: list, heap_bytes=None, drop=None):
+def _drop_for_me(drop):
+    """``drop``: (rank, site id) or None -> this rank's recorder argument."""
+    return {drop[1]} if drop is not None and drop[0] == dist.get_rank() else None
+
+
+def schedule_run(schedule: str, cases: list, heap_bytes=None, drop=None, single_slot: bool = False):
+    """Several ``all_to_all_gemm`` calls on one context under the recorder (the context made
+    inside the recording); the caller reuses its buffers after each call. ``single_slot``: the
+    negative control, pull with one heap slot and no closing barrier. Returns (trace, errors)."""
     import kernels
+    from kernels import a2a_context
     from kernels.stream_recorder import StreamRecorder
 
     size, rank = dist.get_world_size(), dist.get_rank()
-    errors = []
-    context = kernels.A2AGemmContext(max_input_bytes=heap_bytes) if heap_bytes else kernels.A2AGemmContext()
     outs = []
-    with StreamRecorder(drop=drop) as recorder:
-        for seed, tokens, k_local, n, dtype, chunks in cases:
-            x_full, weight, b = make_problem(seed, tokens, size * k_local, n, dtype, True)
-            x = x_full[:, rank * k_local : (rank + 1) * k_local].contiguous()
-            out = kernels.all_to_all_gemm(x, weight, bias=b, schedule=schedule, config={"chunks": chunks}, context=context)
-            outs.append((out, x_full, weight, b))
-            recorder.reuse(x, out, weight, b)
-        if heap_bytes:
-            dist.barrier()
-    for out, x_full, weight, b in outs:
-        errors.append(relative_error(out, dense_chunk(x_full, weight, b, size, rank)))
-    context.close()
+    original = a2a_context.A2AGemmContext._next_slot
+    if single_slot:
+        a2a_context.A2AGemmContext._next_slot = lambda self: 0
+    try:
+        with StreamRecorder(drop=_drop_for_me(drop)) as recorder:
+            context = kernels.A2AGemmContext(max_input_bytes=heap_bytes)
+            for seed, tokens, k_local, n, dtype, chunks in cases:
+                x_full, weight, b = make_problem(seed, tokens, size * k_local, n, dtype, True)
+                x = x_full[:, rank * k_local : (rank + 1) * k_local].contiguous()
+                out = kernels.all_to_all_gemm(x, weight, bias=b, schedule=schedule, config={"chunks": chunks}, context=context)
+                recorder.reuse(x, out, weight, b)
+                outs.append((out, x_full, weight, b))
+            dist.barrier()  # as FC2Groups.destroy: peers may read this rank's heap until here
+            context.close()
+    finally:
+        a2a_context.A2AGemmContext._next_slot = original
+    errors = [relative_error(out, dense_chunk(x_full, weight, b, size, rank)) for out, x_full, weight, b in outs]
     return recorder.trace(), errors
 
 
@@ -49,7 +61,7 @@ def oshared_run(transport: str, layers: int, prefetch_step: int, passes: int = 3
     members = list(range(size))
     case = dict(seed=41, L=layers, start=3, p=prefetch_step, transport=transport, dtype="fp32")
     outs = []
-    with StreamRecorder(drop=drop) as recorder:
+    with StreamRecorder(drop=_drop_for_me(drop)) as recorder:
         series, modules, layer_ids = build_series(case, weight_group(tuple(members)), members)
         series.finalize()
 
@@ -103,7 +115,7 @@ def rs_run(cases: list, drop=None):
 
     size, rank = dist.get_world_size(), dist.get_rank()
     results = []
-    with StreamRecorder(drop=drop) as recorder:
+    with StreamRecorder(drop=_drop_for_me(drop)) as recorder:
         for seed, rows, k_shard, n, dtype, chunks in cases:
             gen = torch.Generator().manual_seed(seed)
             a_full = torch.randn(size * rows, size * k_shard, generator=gen).to(dtype)
