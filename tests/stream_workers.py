@@ -99,14 +99,6 @@ def oshared_run(transport: str, layers: int, prefetch_step: int, passes: int = 3
     return recorder.trace(), errors
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
-
-
 def rs_run(cases: list, drop=None):
     """Pipelined (and plain) `kernels.gemm_reduce_scatter` calls under the recorder, reusing one
     ``out`` buffer call after call. Cases: (seed, rows per rank, k_shard, n, dtype, chunks)."""
@@ -134,12 +126,15 @@ def rs_run(cases: list, drop=None):
     return recorder.trace(), errors
 
 
-def oproj_run(tp: int, otp: int, layers: int, config: dict, mode: str = "none", passes: int = 3, tokens: int = 7,
-              prepare: bool = True, max_tokens=None, early: bool = False):
+def oproj_run(tp: int, otp: int, layers: int, config: dict, mode: str = "none", passes: int = 3, tokens=7,
+              prepare: bool = True, max_tokens=None, early: bool = False, warmup: bool = True):
     """``layers`` `FlashComm2OProj` modules (config ``FC2Config(otp_size=otp, **config)``) run for
-    one eager warm-up pass and ``passes`` more under the recorder, each pass marked ``pass <i>``;
-    in a graph mode (after `fc2.graphs.prepare_for_capture` unless ``prepare=False``) each pass
-    (full) or each o_proj call (piecewise) is a captured piece. Returns (trace, errors)."""
+    one eager warm-up pass (unless ``warmup=False``) and ``passes`` more under the recorder, each
+    pass marked ``pass <i>``; in a graph mode (after `fc2.graphs.prepare_for_capture` unless
+    ``prepare=False``) each pass (full) or each o_proj call (piecewise) is a captured piece.
+    ``tokens``: per pass (an int, or a tuple indexed by pass, warm-up = pass 0).
+    Returns (trace, errors, [(label, workspace allocations of the TP context so far)] after the
+    warm-up, ``prepare_for_capture`` and each pass)."""
     from torch import nn
 
     import fc2
@@ -149,41 +144,66 @@ def oproj_run(tp: int, otp: int, layers: int, config: dict, mode: str = "none", 
     from tests.oshared_workers import layer_input, layer_weight
 
     k_local, d_model = 16, 32
+    per_pass = tokens if isinstance(tokens, tuple) else (tokens,)
     groups = fc2.build_groups(tp, otp)
-    outs = []
-    with StreamRecorder() as recorder:
-        cfg = fc2.FC2Config(otp_size=otp, **config)
-        model = nn.ModuleList()
-        for layer in range(layers):
-            module = fc2.FlashComm2OProj(tp * k_local, d_model, params_dtype=torch.float32, config=cfg, groups=groups,
-                                         prefix=f"model.layers.{layer}.self_attn.o_proj")
-            module.weight_loader(module.weight, layer_weight(5, layer, d_model, tp * k_local, torch.float32))
-            model.append(module)
-        fc2.finalize(model)
-        if early:
-            shared.install_early_hooks(model)
-        r = groups.tp_rank
+    outs, allocations = [], []
+    try:
+        with StreamRecorder() as recorder:
+            cfg = fc2.FC2Config(otp_size=otp, **config)
+            model = nn.ModuleList()
+            for layer in range(layers):
+                module = fc2.FlashComm2OProj(tp * k_local, d_model, params_dtype=torch.float32, config=cfg,
+                                             groups=groups, prefix=f"model.layers.{layer}.self_attn.o_proj")
+                module.weight_loader(module.weight, layer_weight(5, layer, d_model, tp * k_local, torch.float32))
+                model.append(module)
+            fc2.finalize(model)
+            if early:
+                shared.install_early_hooks(model)  # on the parent of the o_proj modules
+            r = groups.tp_rank
 
-        def run_pass(index: int, captured: bool) -> None:
-            recorder.mark(f"pass {index}")
-            whole = recorder.piece(f"pass {index}") if captured and mode == "full" else _null()
-            with whole:
-                for layer, module in enumerate(model):
-                    x_full = layer_input(5, layer, index, tokens, tp * k_local, torch.float32)
-                    x = x_full[:, r * k_local : (r + 1) * k_local].contiguous()
-                    piece = recorder.piece(f"pass {index} layer {layer}") if captured and mode == "piecewise" else _null()
-                    with piece:
-                        out, _ = module(x)
-                    recorder.reuse(x, out)
-                    outs.append((out, x_full, layer_weight(5, layer, d_model, tp * k_local, torch.float32)))
+            def run_pass(index: int, captured: bool) -> None:
+                recorder.mark(f"pass {index}")
+                step = per_pass[index % len(per_pass)]
+                whole = recorder.piece(f"pass {index}") if captured and mode == "full" else _null()
+                with whole:
+                    for layer, module in enumerate(model):
+                        x_full = layer_input(5, layer, index, step, tp * k_local, torch.float32)
+                        x = x_full[:, r * k_local : (r + 1) * k_local].contiguous()
+                        piece = recorder.piece(f"pass {index} layer {layer}") if captured and mode == "piecewise" else _null()
+                        with piece:
+                            out, _ = module(x)
+                        recorder.reuse(x, out)
+                        outs.append((out, x_full, layer_weight(5, layer, d_model, tp * k_local, torch.float32)))
+                note(f"pass {index}")
 
-        run_pass(0, False)
-        if mode != "none" and prepare:
-            fc2.graphs.prepare_for_capture(model, mode, max_tokens=max_tokens)
-        for index in range(1, passes + 1):
-            run_pass(index, mode != "none")
-        recorder.mark("end")
-        shared.close(model)
+            def note(label: str) -> None:
+                if otp == 1 and tp > 1:
+                    allocations.append((label, model[0].a2a_context().workspace_allocations))
+
+            if warmup:
+                run_pass(0, False)
+            if mode != "none" and prepare:
+                fc2.graphs.prepare_for_capture(model, mode, max_tokens=max_tokens)
+                note("prepared")
+            for index in range(1, passes + 1):
+                run_pass(index, mode != "none")
+            recorder.mark("end")
+            shared.close(model)
+    finally:
         groups.destroy()
     errors = [relative_error(out, dense_chunk(x_full, w, None, tp, r)) for out, x_full, w in outs]
-    return recorder.trace(), errors
+    return recorder.trace(), errors, allocations
+
+
+def oshared_cases(transport: str, cases: list, mode: str, prepare: bool = True) -> list:
+    """`oshared_run` for each (L, prefetch_step): [(L, p, trace, errors)]."""
+    return [(layers, step, *oshared_run(transport, layers, step, 3, mode, (5,), prepare=prepare))
+            for layers, step in cases]
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
