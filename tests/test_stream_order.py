@@ -137,6 +137,34 @@ def test_work_on_a_stream_never_forked_into_the_capture_is_not_captured():
     assert any("aten.add_" in v.message for v in violations)
 
 
+def test_with_no_recorder_the_hooks_are_inert():
+    from kernels import platform
+
+    assert platform._recorder is None and not platform.has_streams()
+    tensor = torch.zeros(4)
+    assert platform.kernel_scope("k", (tensor,), (tensor,)) is platform.kernel_scope("other")
+    assert platform.device_barrier_scope() is platform.kernel_scope("k")
+    assert not platform.is_capturing()
+    with platform.kernel_scope("k", (tensor,), (tensor,)):
+        pass
+
+
+def test_the_recorder_restores_everything_it_patched():
+    import torch.distributed as dist
+
+    from kernels import collectives, platform
+    from kernels.stream_recorder import StreamRecorder
+
+    before = (dist.all_to_all_single, dist.batch_isend_irecv, dist.barrier, collectives._reduce_scatter)
+    with StreamRecorder():
+        assert platform.has_streams() and dist.all_to_all_single is not before[0]
+        with pytest.raises(RuntimeError, match="already active"):
+            with platform.recording(object()):
+                pass
+    assert (dist.all_to_all_single, dist.batch_isend_irecv, dist.barrier, collectives._reduce_scatter) == before
+    assert platform._recorder is None
+
+
 # ---- multi-rank scenarios ---------------------------------------------------------------------------
 
 
