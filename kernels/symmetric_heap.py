@@ -378,6 +378,10 @@ class _PosixShm:
 # ---- CUDA / NPU: torch symmetric memory -------------------------------------------------------
 
 
+#: Torch symmetric-memory heaps made so far per group name (a heap's name on every member).
+_heaps_made: dict = {}
+
+
 class _TorchSymmetricMemory:
     def __init__(self, heap: SymmetricHeap):
         import torch.distributed._symmetric_memory as symm_mem
@@ -400,7 +404,10 @@ class _TorchSymmetricMemory:
         if failed:
             raise HeapUnavailable(f"torch symmetric memory on {heap.kind} failed: " + "; ".join(failed))
         self.bases = [int(p) for p in self.handle.buffer_ptrs]
-        self.name = f"symm-{group.group_name}-{id(self.handle):x}"
+        # Heaps of a group are made collectively, in one order on every member: count them.
+        index = _heaps_made.get(group.group_name, 0)
+        _heaps_made[group.group_name] = index + 1
+        self.name = f"symm-{group.group_name}-{index}"
 
     def barrier(self) -> None:
         self.handle.barrier(channel=0)
