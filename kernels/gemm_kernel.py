@@ -212,8 +212,8 @@ def check_operands(a_name: str, a: Any, weight: Any, bias: Any = None, *, peer_w
         raise TypeError(f"weight: dtype {weight.dtype} differs from {a_name}'s {a.dtype}")
     if weight.device != a.device:
         raise ValueError(f"weight: on {weight.device}, {a_name} on {a.device}; expected the same device")
-    if isinstance(weight, PeerWeight) and weight.device.type == "cpu":
-        address = int(weight.table[weight.entry])  # free to check here; on a device it costs a sync
+    if isinstance(weight, PeerWeight) and not platform.has_streams():
+        address = int(weight.table[weight.entry])  # free to check here; with streams it costs a sync
         if address % 16:
             raise ValueError(f"weight: address {address:#x} is not 16-byte aligned")
     if bias is None:
@@ -393,29 +393,35 @@ def launch(
     bias_arg = bias if has_bias else out
     diagonal = int(config.tile_order == "diagonal")
     options = launch_options(config)
-    gemm_kernel[(plan.programs,)](
-        a_arg, w_arg, bias_arg, out, partial,
-        m, n, k_s, s, s_start % s, weight.entry if isinstance(weight, PeerWeight) else 0,
-        blocks.stride(0), blocks.stride(1), blocks.stride(2),
-        stride_wn, stride_wk,
-        out.stride(0), out.stride(1),
-        plan.dp_tiles, plan.sk_workers, plan.sk_iters, plan.slots_per_worker, diagonal,
-        **kernel_constexprs(config, k_s, has_bias, accumulate),
-        **kernel_switches(target, w_from_table=isinstance(weight, PeerWeight), tma=tma),
-        **options,
-    )
+    peer = isinstance(weight, PeerWeight)
+    # For the stream recorder (a no-op otherwise): what the launch reads and writes.
+    reads = (blocks, weight.table if peer else weight, bias, out if accumulate else None)
+    peer_reads = (platform.PeerSpan(weight.table, (weight.entry,), 0, n * k * blocks.element_size()),) if peer else ()
+    with platform.kernel_scope("gemm", reads, (out, partial) if plan.sk_workers else (out,), peer_reads):
+        gemm_kernel[(plan.programs,)](
+            a_arg, w_arg, bias_arg, out, partial,
+            m, n, k_s, s, s_start % s, weight.entry if peer else 0,
+            blocks.stride(0), blocks.stride(1), blocks.stride(2),
+            stride_wn, stride_wk,
+            out.stride(0), out.stride(1),
+            plan.dp_tiles, plan.sk_workers, plan.sk_iters, plan.slots_per_worker, diagonal,
+            **kernel_constexprs(config, k_s, has_bias, accumulate),
+            **kernel_switches(target, w_from_table=peer, tma=tma),
+            **options,
+        )
     if plan.sk_workers:
         fix = fixup_constexprs(config, has_bias, accumulate)
         tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
         units = (tiles - plan.dp_tiles) * (config.block_m // fix["SUB_M"]) * (config.block_n // fix["SUB_N"])
         iters = s * triton.cdiv(k_s, config.block_k)
-        gemm_fixup_kernel[(min(units, platform.num_programs("vector")),)](
-            partial, bias_arg, out,
-            m, n, plan.dp_tiles, plan.sk_iters, iters, plan.slots_per_worker, diagonal,
-            out.stride(0), out.stride(1),
-            **fix,
-            **({"num_warps": 4} if platform.device_kind() == "cuda" else {}),
-        )
+        with platform.kernel_scope("gemm_fixup", (partial, bias, out), (out,)):
+            gemm_fixup_kernel[(min(units, platform.num_programs("vector")),)](
+                partial, bias_arg, out,
+                m, n, plan.dp_tiles, plan.sk_iters, iters, plan.slots_per_worker, diagonal,
+                out.stride(0), out.stride(1),
+                **fix,
+                **({"num_warps": 4} if platform.device_kind() == "cuda" else {}),
+            )
     return out
 
 
