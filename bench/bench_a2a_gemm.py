@@ -9,8 +9,14 @@ the launched world, the per-rank head width K_l = K / preset TP, then divided by
 together with the hidden size N) and token count: median time after warm-up of each schedule
 and of the reference (all-to-all + transpose/reshape copy + torch.matmul), ratio to the reference,
 bytes each rank sends (against a TP reduce-scatter of the output, which FlashComm2 replaces), and
-the communication and GEMM timed alone. On a GPU it also reports the GEMM's TFLOP/s against
-torch.matmul at full size. A table on stdout, a CSV in ``--out``.
+the communication and GEMM timed alone. On a GPU / NPU it also reports the GEMM's TFLOP/s against
+torch.matmul at full size (`gemm_vs_matmul`: receive layout and contiguous A, prefill and decode
+rows per rank; `make device-check` records it). A table on stdout, a CSV in ``--out``.
+
+Timing (`autotune.timing`, as the tuner times): per call, the median over ``--repeats`` samples of
+N back-to-back calls (N so a sample lasts about 1 ms) after ``--warmup`` calls: replayed from a
+CUDA / NPU graph where it can be captured, else between device events, on CPU by the host clock;
+with several ranks a barrier before each sample and the slowest rank's median.
 
 Overlap efficiency of a schedule: ``(T_seq - T_sched) / (T_seq - max(T_comm, T_gemm))``, with
 T_comm (the all-to-all alone) and T_gemm (the receive-layout GEMM alone) timed in the same run:
@@ -27,9 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -61,28 +65,16 @@ class Row:
 
 
 def _timed(fn: Callable[[], object], warmup: int, repeats: int, collective: bool = True) -> float:
-    """Median milliseconds; with ``collective``, every rank times and the slowest rank counts."""
-    import torch
+    """Milliseconds per call (`autotune.timing.time_per_call`); with ``collective``, every rank
+    times together and the slowest rank's median counts."""
     import torch.distributed as dist
 
-    from kernels import platform
+    from autotune.timing import Sync, TimingPolicy, time_per_call
+    from kernels.collectives import max_over_ranks
 
-    collective = collective and dist.is_initialized()
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if collective:
-            dist.barrier()
-        platform.synchronize()
-        start = time.perf_counter()
-        fn()
-        platform.synchronize()
-        samples.append((time.perf_counter() - start) * 1000)
-    median = torch.tensor([statistics.median(samples)], dtype=torch.float64)
-    if collective:
-        dist.all_reduce(median, op=dist.ReduceOp.MAX)
-    return float(median.item())
+    sync = Sync() if collective and dist.is_initialized() else None
+    ms = time_per_call(fn, TimingPolicy(warmup=warmup, repeats=repeats), sync).ms
+    return float(max_over_ranks(ms)) if sync is not None else ms
 
 
 def _bench_rank(args) -> list[Row]:
@@ -155,30 +147,75 @@ def _bench_rank(args) -> list[Row]:
     return rows
 
 
-def _gemm_vs_matmul(args) -> list[dict]:
-    """Full-size GEMM throughput against torch.matmul (GPU / NPU only)."""
+#: The GEMM of o_proj on one rank under FlashComm2: M = ceil(T / TP) tokens of all heads (K), the
+#: full W_o [N, K]; A arrives as S = TP blocks [S, M, K/S]. Prefill: T = 8192 (TP16) / 4096 (TP8)
+#: tokens, M = 512; decode: M = 1 (one sequence), 16 and 64 (batches).
+GEMM_PHASES = (("prefill", 512), ("decode", 1), ("decode", 16), ("decode", 64))
+
+
+def gemm_shapes(presets=tuple(PRESETS), phases=GEMM_PHASES, scale: int = 1) -> list[dict]:
+    """One shape per (preset, phase): ``model, phase, m, n, k, s`` (N and K divided by ``scale``)."""
+    shapes = []
+    for preset in presets:
+        n, k, tp = PRESETS[preset]
+        for phase, m in phases:
+            k_scaled = max(tp * 16, k // scale)
+            shapes.append(dict(model=preset, phase=phase, m=m, n=max(16, n // scale), k=k_scaled - k_scaled % tp, s=tp))
+    return shapes
+
+
+def gemm_vs_matmul(shapes: list, dtype: str = "bfloat16", warmup: int = 5, repeats: int = 20) -> list[dict]:
+    """The receive-layout GEMM (`kernels.gemm`) against ``torch.matmul`` on one device, per shape:
+    A in the receive layout ``[S, M, K/S]`` (what the all-to-all delivers; torch.matmul needs the
+    transpose/reshape copy first, not timed) and contiguous ``[M, K]``; time per call, TFLOP/s,
+    GB/s (A + W + out read or written once: decode is bound by reading W), the ratio to torch,
+    and the error against torch's result (relative, max abs / max |torch|). No collective."""
     import torch
 
+    from autotune.timing import Timing, TimingPolicy, time_per_call
     from kernels import platform
     from kernels.recv_gemm import gemm
 
     device = platform.torch_device()
-    dtype = getattr(torch, args.dtype)
-    results = []
-    for preset in args.presets:
-        n, k, tp = PRESETS[preset]
-        for m in args.tokens:
-            m_chunk = max(1, m // tp) if args.per_chunk else m
-            a = torch.randn(tp, m_chunk, k // tp, device=device, dtype=dtype)
-            a_flat = a.transpose(0, 1).reshape(m_chunk, k)
-            w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
-            ours = _timed(lambda: gemm(a, w), args.warmup, args.repeats, collective=False)
-            torch_ms = _timed(lambda: torch.matmul(a_flat, w.t()), args.warmup, args.repeats, collective=False)
-            flops = 2 * m_chunk * n * k
-            results.append(dict(preset=preset, m=m_chunk, n=n, k=k, ours_ms=ours, torch_ms=torch_ms,
-                                ours_tflops=flops / ours / 1e9, torch_tflops=flops / torch_ms / 1e9,
-                                fraction_of_torch=torch_ms / ours))
-    return results
+    torch_dtype = getattr(torch, dtype)
+    element = torch.empty((), dtype=torch_dtype).element_size()
+    policy = TimingPolicy(warmup=warmup, repeats=repeats)
+    rows = []
+    for shape in shapes:
+        m, n, k, s = shape["m"], shape["n"], shape["k"], shape["s"]
+        generator = torch.Generator().manual_seed(m * 7 + n)
+        received = torch.randn(s, m, k // s, generator=generator).to(torch_dtype).to(device)
+        flat = received.transpose(0, 1).reshape(m, k)  # vllm-ascend's copy; torch.matmul's operand
+        weight = (torch.randn(n, k, generator=generator) / k**0.5).to(torch_dtype).to(device)
+        expected = torch.matmul(flat, weight.t())
+        timed: dict[str, Timing] = {"torch.matmul": time_per_call(lambda: torch.matmul(flat, weight.t()), policy)}
+        scale = max(expected.abs().max().item(), 1e-30)
+        errors = {}
+        for layout, operand in (("receive [S, M, K/S]", received), ("contiguous [M, K]", flat)):
+            errors[layout] = (gemm(operand, weight).double() - expected.double()).abs().max().item() / scale
+            timed[layout] = time_per_call(lambda: gemm(operand, weight), policy)
+        flops = 2.0 * m * n * k
+        moved = (m * k + n * k + m * n) * element
+        for path, timing in timed.items():
+            rows.append(dict(shape, dtype=dtype, path=path, ms=timing.ms, tflops=flops / timing.ms / 1e9,
+                             gbps=moved / timing.ms / 1e6, ratio_to_torch=timed["torch.matmul"].ms / timing.ms,
+                             error_vs_torch=errors.get(path, 0.0), timing=timing.method,
+                             calls_per_sample=timing.calls_per_sample))
+    return rows
+
+
+def print_gemm_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("model", "phase", "M", "N", "K", "A / path", "ms", "TFLOP/s", "GB/s", "x torch.matmul", "error", "timing"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], r["phase"], str(r["m"]), str(r["n"]), str(r["k"]), r["path"], f"{r['ms']:.4f}",
+                      f"{r['tflops']:.1f}", f"{r['gbps']:.0f}", f"{r['ratio_to_torch']:.3f}", f"{r['error_vs_torch']:.1e}",
+                      f"{r['timing']} x{r['calls_per_sample']}")
+    Console(width=200).print(table)
 
 
 def run(args) -> list[Row]:
@@ -211,7 +248,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="results", help="directory for the CSV")
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--per-chunk", action="store_true", help="GEMM-vs-matmul at M = T / TP instead of M = T")
     args = parser.parse_args(argv)
 
     import kernels  # noqa: F401  (selects the interpreter on a CPU-only machine)
@@ -233,10 +269,8 @@ def main(argv=None) -> int:
         writer.writerows(r.__dict__ for r in rows)
     print(f"wrote {path}")
     if on_device:
-        results = _gemm_vs_matmul(args)
-        for r in results:
-            print(f"GEMM {r['preset']} M={r['m']} N={r['n']} K={r['k']}: ours {r['ours_tflops']:.1f} TFLOP/s, "
-                  f"torch.matmul {r['torch_tflops']:.1f} TFLOP/s -> {100 * r['fraction_of_torch']:.1f}% of torch")
+        gemm_rows = gemm_vs_matmul(gemm_shapes(args.presets), args.dtype, args.warmup, args.repeats)
+        print_gemm_table(gemm_rows, f"GEMM vs torch.matmul — {platform.device_name()}, one device, {args.dtype}")
     return 0
 
 
