@@ -29,16 +29,19 @@ printed at the end. Steps:
    layout and contiguous, DeepSeek-V3 TP16 and Qwen3-32B TP8 per-rank shapes, prefill (M = 512)
    and decode (M = 1, 16, 64): time, TFLOP/s, GB/s, ratio, error (`bench.bench_a2a_gemm.
    gemm_vs_matmul`, or ``bench.bench_gemm.device_check`` once that module exists).
-5. **numerics** -- the numerical test suite compiled on the device (``TRITON_INTERPRET=0``), test
+5. **tuner** -- ``python -m autotune`` (tiny model, world 1, 2 buckets): graph-replay timing on the
+   device, the tables' statistic and timing fields.
+6. **oshared** -- ``bench.bench_prefetch`` at 2 ranks: o_shared's exposed wait timed by events on
+   the compute stream (two ranks share one GPU over gloo: its broadcasts go through host memory,
+   so the link figures are gloo's, not NVLink's).
+
+7. **numerics** -- the numerical test suite compiled on the device (``TRITON_INTERPRET=0``), test
    data on the device, collectives checked for device placement (``FC2_STRICT_PLACEMENT=1``), at
    world 1 and world 2: two devices on NCCL / HCCL, or two ranks sharing one GPU over gloo
    (which carries CUDA tensors, so the stream and event code runs for real; gloo has no CUDA
    point-to-point, so ``ring`` is deselected there). One NPU: world 1 (gloo has no NPU tensors).
-6. **tuner** -- ``python -m autotune`` (tiny model, world 1, 2 buckets): graph-replay timing on the
-   device, the tables' statistic and timing fields.
-7. **oshared** -- ``bench.bench_prefetch`` at 2 ranks: o_shared's exposed wait timed by events on
-   the compute stream (two ranks share one GPU over gloo: its broadcasts go through host memory,
-   so the link figures are gloo's, not NVLink's).
+   Last, as the longest: it takes what is left of the budget, and a run stopped at its timeout
+   still counts the tests it finished (``pytest -v`` lines).
 
 ``DRY_RUN=1`` (``--dry-run``): the same steps at tiny sizes in the current (CPU) environment with
 Triton interpreted; nothing is installed. Exit status 0 when no step failed or timed out.
@@ -52,6 +55,7 @@ import hashlib
 import json
 import os
 import platform as host_platform
+import re
 import shutil
 import subprocess
 import sys
@@ -80,9 +84,10 @@ STEPS = (
     Step("info", "device, versions", 60, 60),
     Step("graph", "FlashComm2OProj (o = 1) captured in a graph, replays vs dense reference", 120, 90),
     Step("gemm", "receive-layout GEMM vs torch.matmul (DeepSeek-V3 TP16, Qwen3-32B TP8; prefill, decode)", 150, 90),
-    Step("numerics", "numerical tests compiled on the device, world 1 and 2", 330, 150, 60),
-    Step("tuner", "python -m autotune on the device (graph-replay timing, table fields)", 120, 120),
-    Step("oshared", "o_shared exposed wait by compute-stream events (bench_prefetch, 2 ranks)", 90, 90),
+    Step("tuner", "python -m autotune on the device (graph-replay timing, table fields)", 90, 120),
+    Step("oshared", "o_shared exposed wait by compute-stream events (bench_prefetch, 2 ranks)", 75, 90),
+    # Last: the longest; it takes what is left, and a run it cannot finish still counts its tests.
+    Step("numerics", "numerical tests compiled on the device, world 1 and 2", 480, 150, 60),
 )
 
 #: Test files the numerics step leaves out: other environments (vLLM), CPU-only subjects (the
@@ -90,9 +95,11 @@ STEPS = (
 #: tuner step covers the device).
 NOT_NUMERIC = ("test_interpreter_fix.py", "test_lowering.py", "test_fc2_vllm.py", "test_fc2_hf.py",
                "test_autotune_*.py", "test_bench_smoke.py")
-#: The dry run's numerics: a quick world-1 file and one world-2 case.
+#: The dry run's numerics: a quick world-1 file, the placement check, the schedules one after another on one
+#: context at world 2.
 DRY_NUMERICS = ("tests/test_recv_gemm.py",
-                "tests/test_placement_check.py::test_collectives_refuse_host_tensors_and_accept_device_ones")
+                "tests/test_placement_check.py::test_collectives_refuse_host_tensors_and_accept_device_ones",
+                "tests/test_schedules.py::test_alternating_schedules_call_after_call[2]")
 
 
 def _now() -> str:
@@ -169,8 +176,7 @@ class Run:
     def run(self) -> int:
         for step in STEPS:
             cap = step.dry_timeout_s if self.options.dry_run else step.timeout_s
-            later = sum(s.min_s for s in STEPS[STEPS.index(step) + 1:])
-            timeout = min(cap, self.left() - later) if step.name == "numerics" else min(cap, self.left())
+            timeout = min(cap, self.left())
             if self.options.steps and step.name not in self.options.steps and step.name != "env":
                 continue
             if timeout < step.min_s:
@@ -337,7 +343,8 @@ class Run:
             notes.append("world 1 only: one NPU, and gloo carries no NPU tensors")
         junit = self.work / "numerics.xml"
         junit.unlink(missing_ok=True)
-        argv = [self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not ascend_lowering and not cuda_compile",
+        # -v: one line per finished test, so a run stopped at its timeout still counts what it ran.
+        argv = [self.python, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "not ascend_lowering and not cuda_compile",
                 "--timeout", "150", f"--junitxml={junit}"] + deselect + selection
         env = self.env(FC2_STRICT_PLACEMENT="1", FC2_TEST_MAX_WORLD=max_world, FC2_TEST_BACKEND=backend,
                        FC2_TEST_CALL_TIMEOUT=120)
@@ -346,6 +353,8 @@ class Run:
                 "exit": code, "log_tail": _tail(output, 15)}
         if junit.exists():
             data.update(_junit_counts(junit))
+        else:  # stopped before pytest wrote its report: count the per-test lines
+            data.update(_verbose_counts(output))
         counts = {k: data.get(k, 0) for k in ("passed", "failed", "errors", "skipped")}
         summary = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
                    f"{counts['skipped']} skipped (worlds 1-{max_world}, {backend}" + ("; interpreted" if self.options.dry_run else "; compiled") + ")")
@@ -381,6 +390,25 @@ def _junit_counts(path: Path) -> dict:
     total["passed"] = total["tests"] - total["failed"] - total["errors"] - total["skipped"]
     total["problems"] = problems[:40]
     return total
+
+
+_OUTCOME = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+
+
+def _verbose_counts(output: str) -> dict:
+    """Counts from ``pytest -v`` lines (a run cut short writes no junit report)."""
+    outcomes = {}
+    for line in output.splitlines():
+        match = _OUTCOME.match(line.strip())
+        if match:
+            outcomes[match.group(1)] = match.group(2)  # the last word on a test (setup / call / teardown)
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    for outcome in outcomes.values():
+        key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors"}.get(outcome, "skipped")
+        counts[key] += 1
+    counts["tests"] = len(outcomes)
+    counts["problems"] = [name for name, o in outcomes.items() if o in ("FAILED", "ERROR")][:40]
+    return counts
 
 
 def _table(headers: list, rows: list) -> str:

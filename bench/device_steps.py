@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -182,7 +183,7 @@ def step_gemm(args) -> dict:
     parts = []
     for shape in shapes:
         mine = {r["path"]: r for r in rows if (r["model"], r["phase"], r["m"]) == (shape["model"], shape["phase"], shape["m"])}
-        ratios = "/".join(f"{mine[p]['ratio_to_torch']:.2f}" for p in mine if p != "torch.matmul")
+        ratios = "/".join(f"{mine[p]['ratio_to_torch']:.3g}" for p in mine if p != "torch.matmul")
         parts.append(f"{shape['model']} {shape['phase']} M={shape['m']}: {ratios}")
     summary = f"x torch.matmul (receive/contiguous): {'; '.join(parts)}"
     if platform.is_interpreter():
@@ -199,12 +200,13 @@ def step_tuner(args) -> dict:
     from autotune.cli import main as autotune_main
 
     out = Path(args.work) / "autotune"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: its studies must not exist yet
     argv = ["--model", "tiny", "--world-size", "1", "--out", str(out), "--no-progress", "--cluster", "device-check"]
     argv += (["--tokens", "1", "--trials", "2", "--warmup", "0", "--repeats", "2"] if args.dry_run
              else ["--tokens", "1", "64", "--trials", "6", "--warmup", "3", "--repeats", "10"])
     code = autotune_main(argv)
     entries = []
-    for table in sorted((out / "tables").glob("*.json")):
+    for table in sorted((out / "tables").glob("*,device_name=*.json")):  # not report.json
         document = json.loads(table.read_text())
         for tokens, entry in document["entries"].items():
             measured = entry["measured"]
@@ -228,6 +230,7 @@ def step_oshared(args) -> dict:
     if kind == "cuda" and _device_count(kind) < 2:
         os.environ["FC2_BENCH_BACKEND"] = "gloo"  # two ranks share the GPU: broadcasts through host memory
     out = Path(args.work) / "oshared"
+    shutil.rmtree(out, ignore_errors=True)
     argv = ["--world-size", "2", "--out", str(out), "--transports", "broadcast"]
     argv += (["--layers", "3", "--weight-shape", "64", "128", "--compute-dim", "64", "--steps", "2",
               "--prefetch-steps", "0", "1", "--tokens", "4"] if args.dry_run else

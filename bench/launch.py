@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
+import time
 from typing import Callable, Optional
 
 
@@ -68,8 +70,17 @@ def run_on_ranks(bench_fn: Callable, args, *, world_size: int, timeout: float, t
     ]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + timeout
+    rows = None
     try:
-        rows = queue.get(timeout=timeout)
+        while rows is None:
+            try:
+                rows = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:  # a rank died, or too slow: do not wait on
+                    raise SystemExit(f"a benchmark rank failed or timed out ({timeout:.0f} s): exit codes "
+                                     f"{[p.exitcode for p in procs]}") from None
     finally:
         for p in procs:
             p.join(timeout=60)

@@ -25,7 +25,8 @@ it is given is on the platform's device, before it is issued, and raises otherwi
   device tensors they are refused with a clear error instead of crashing.
 
 Object collectives (``all_gather_object``, ...) are exempt: torch moves their bytes to the right
-device itself. Everything here is a test aid: nothing in the package depends on it.
+device itself. So are groups made with ``backend="gloo"`` by name (host groups on purpose, like
+vLLM's ``cpu_group`` beside its device group). Everything here is a test aid: nothing in the package depends on it.
 """
 
 from __future__ import annotations
@@ -268,8 +269,13 @@ def _describe(tensor: torch.Tensor) -> str:
     return f"{tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
 
 
+#: Groups made with ``backend="gloo"`` asked for by name: host groups on purpose (vLLM's
+#: ``cpu_group`` beside its device group), exempt like object collectives. id -> group.
+_HOST_GROUPS: dict = {}
+
+
 def _check_collective(group: Any, name: str, args: tuple, kwargs: dict) -> None:
-    if getattr(_local, "object_collective", 0):
+    if getattr(_local, "object_collective", 0) or id(group) in _HOST_GROUPS:
         return
     mode = _installed["mode"]
     tensors = list(_tensors(args)) + list(_tensors(kwargs))
@@ -326,6 +332,25 @@ def _wrap_object_collective(name: str) -> None:
         setattr(dist, name, exempt)
 
 
+def _wrap_new_group() -> None:
+    import torch.distributed.distributed_c10d as c10d
+
+    original = c10d.new_group
+
+    @functools.wraps(original)
+    def remembering(*args, **kwargs):
+        backend = kwargs.get("backend", args[2] if len(args) > 2 else None)
+        group = original(*args, **kwargs)
+        if group is not None and str(backend or "").lower() in ("gloo", "cpu:gloo"):
+            _HOST_GROUPS[id(group)] = group
+        return group
+
+    remembering.__fc2_original__ = original
+    c10d.new_group = remembering
+    if dist.new_group is original:
+        dist.new_group = remembering
+
+
 def install() -> PlacementMode:
     """Turn the check on in this process (idempotent; for the rest of the process's life)."""
     mode = _installed.get("mode")
@@ -343,6 +368,7 @@ def install() -> PlacementMode:
             _wrap_method(ProcessGroup, name)
     for name in OBJECT_COLLECTIVES:
         _wrap_object_collective(name)
+    _wrap_new_group()
     if simulated:
         platform.torch_device = lambda: SIMULATED_DEVICE  # the device every caller asks for
     mode.__enter__()
