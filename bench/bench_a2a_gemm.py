@@ -9,9 +9,8 @@ the launched world, the per-rank head width K_l = K / preset TP, then divided by
 together with the hidden size N) and token count: median time after warm-up of each schedule
 and of the reference (all-to-all + transpose/reshape copy + torch.matmul), ratio to the reference,
 bytes each rank sends (against a TP reduce-scatter of the output, which FlashComm2 replaces), and
-the communication and GEMM timed alone. On a GPU / NPU it also reports the GEMM's TFLOP/s against
-torch.matmul at full size (`gemm_vs_matmul`: receive layout and contiguous A, prefill and decode
-rows per rank; `make device-check` records it). A table on stdout, a CSV in ``--out``.
+the communication and GEMM timed alone. On a GPU / NPU it then runs `bench.bench_gemm` (the GEMM
+against torch.matmul at full size). A table on stdout, a CSV in ``--out``.
 
 Timing (`autotune.timing`, as the tuner times): per call, the median over ``--repeats`` samples of
 N back-to-back calls (N so a sample lasts about 1 ms) after ``--warmup`` calls: replayed from a
@@ -147,77 +146,6 @@ def _bench_rank(args) -> list[Row]:
     return rows
 
 
-#: The GEMM of o_proj on one rank under FlashComm2: M = ceil(T / TP) tokens of all heads (K), the
-#: full W_o [N, K]; A arrives as S = TP blocks [S, M, K/S]. Prefill: T = 8192 (TP16) / 4096 (TP8)
-#: tokens, M = 512; decode: M = 1 (one sequence), 16 and 64 (batches).
-GEMM_PHASES = (("prefill", 512), ("decode", 1), ("decode", 16), ("decode", 64))
-
-
-def gemm_shapes(presets=tuple(PRESETS), phases=GEMM_PHASES, scale: int = 1) -> list[dict]:
-    """One shape per (preset, phase): ``model, phase, m, n, k, s`` (N and K divided by ``scale``)."""
-    shapes = []
-    for preset in presets:
-        n, k, tp = PRESETS[preset]
-        for phase, m in phases:
-            k_scaled = max(tp * 16, k // scale)
-            shapes.append(dict(model=preset, phase=phase, m=m, n=max(16, n // scale), k=k_scaled - k_scaled % tp, s=tp))
-    return shapes
-
-
-def gemm_vs_matmul(shapes: list, dtype: str = "bfloat16", warmup: int = 5, repeats: int = 20) -> list[dict]:
-    """The receive-layout GEMM (`kernels.gemm`) against ``torch.matmul`` on one device, per shape:
-    A in the receive layout ``[S, M, K/S]`` (what the all-to-all delivers; torch.matmul needs the
-    transpose/reshape copy first, not timed) and contiguous ``[M, K]``; time per call, TFLOP/s,
-    GB/s (A + W + out read or written once: decode is bound by reading W), the ratio to torch,
-    and the error against torch's result (relative, max abs / max |torch|). No collective."""
-    import torch
-
-    from autotune.timing import Timing, TimingPolicy, time_per_call
-    from kernels import platform
-    from kernels.recv_gemm import gemm
-
-    device = platform.torch_device()
-    torch_dtype = getattr(torch, dtype)
-    element = torch.empty((), dtype=torch_dtype).element_size()
-    policy = TimingPolicy(warmup=warmup, repeats=repeats)
-    rows = []
-    for shape in shapes:
-        m, n, k, s = shape["m"], shape["n"], shape["k"], shape["s"]
-        generator = torch.Generator().manual_seed(m * 7 + n)
-        received = torch.randn(s, m, k // s, generator=generator).to(torch_dtype).to(device)
-        flat = received.transpose(0, 1).reshape(m, k)  # vllm-ascend's copy; torch.matmul's operand
-        weight = (torch.randn(n, k, generator=generator) / k**0.5).to(torch_dtype).to(device)
-        expected = torch.matmul(flat, weight.t())
-        timed: dict[str, Timing] = {"torch.matmul": time_per_call(lambda: torch.matmul(flat, weight.t()), policy)}
-        scale = max(expected.abs().max().item(), 1e-30)
-        errors = {}
-        for layout, operand in (("receive [S, M, K/S]", received), ("contiguous [M, K]", flat)):
-            errors[layout] = (gemm(operand, weight).double() - expected.double()).abs().max().item() / scale
-            timed[layout] = time_per_call(lambda: gemm(operand, weight), policy)
-        flops = 2.0 * m * n * k
-        moved = (m * k + n * k + m * n) * element
-        for path, timing in timed.items():
-            rows.append(dict(shape, dtype=dtype, path=path, ms=timing.ms, tflops=flops / timing.ms / 1e9,
-                             gbps=moved / timing.ms / 1e6, ratio_to_torch=timed["torch.matmul"].ms / timing.ms,
-                             error_vs_torch=errors.get(path, 0.0), timing=timing.method,
-                             calls_per_sample=timing.calls_per_sample))
-    return rows
-
-
-def print_gemm_table(rows: list[dict], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("model", "phase", "M", "N", "K", "A / path", "ms", "TFLOP/s", "GB/s", "x torch.matmul", "error", "timing"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["model"], r["phase"], str(r["m"]), str(r["n"]), str(r["k"]), r["path"], f"{r['ms']:.4f}",
-                      f"{r['tflops']:.1f}", f"{r['gbps']:.0f}", f"{r['ratio_to_torch']:.3f}", f"{r['error_vs_torch']:.1e}",
-                      f"{r['timing']} x{r['calls_per_sample']}")
-    Console(width=200).print(table)
-
-
 def run(args) -> list[Row]:
     return run_on_ranks(_bench_rank, args, world_size=args.world_size, timeout=args.timeout)
 
@@ -268,9 +196,11 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(r.__dict__ for r in rows)
     print(f"wrote {path}")
-    if on_device:
-        gemm_rows = gemm_vs_matmul(gemm_shapes(args.presets), args.dtype, args.warmup, args.repeats)
-        print_gemm_table(gemm_rows, f"GEMM vs torch.matmul — {platform.device_name()}, one device, {args.dtype}")
+    if on_device:  # the GEMM alone against torch.matmul, at full size on one device: bench.bench_gemm
+        from bench import bench_gemm
+
+        return bench_gemm.main(["--presets", *args.presets, "--dtype", args.dtype,
+                                "--out", os.path.join(args.out, "bench_gemm.json")])
     return 0
 
 

@@ -27,8 +27,8 @@ printed at the end. Steps:
    too where there are two devices (NCCL / HCCL; gloo cannot be captured).
 4. **gemm** -- the receive-layout GEMM against ``torch.matmul`` on one device, A in the receive
    layout and contiguous, DeepSeek-V3 TP16 and Qwen3-32B TP8 per-rank shapes, prefill (M = 512)
-   and decode (M = 1, 16, 64): time, TFLOP/s, GB/s, ratio, error (`bench.bench_a2a_gemm.
-   gemm_vs_matmul`, or ``bench.bench_gemm.device_check`` once that module exists).
+   and decode (M = 1..64), stream-K too: time, TFLOP/s, GB/s, ratio, error, targets
+   (`bench.bench_gemm`, its rows as they are).
 5. **tuner** -- ``python -m autotune`` (tiny model, world 1, 2 buckets): graph-replay timing on the
    device, the tables' statistic and timing fields.
 6. **oshared** -- ``bench.bench_prefetch`` at 2 ranks: o_shared's exposed wait timed by events on
@@ -417,6 +417,14 @@ def _table(headers: list, rows: list) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _verdict(row: dict) -> str:
+    return "" if row.get("meets_target") is None else ("met" if row["meets_target"] else "MISSED")
+
+
 def render_text(doc: dict) -> str:
     device = doc.get("device", {})
     title = (f"device check ({'DRY RUN on CPU, Triton interpreted' if doc.get('dry_run') else 'device'}): "
@@ -427,11 +435,12 @@ def render_text(doc: dict) -> str:
     parts = [title, steps]
     gemm = doc.get("results", {}).get("gemm", {}).get("rows")
     if gemm:
-        parts.append("GEMM vs torch.matmul (" + doc["results"]["gemm"].get("source", "") + ")")
-        parts.append(_table(["model", "phase", "M", "N", "K", "path", "ms", "TFLOP/s", "GB/s", "x torch", "error"],
-                            [[r["model"], r["phase"], r["m"], r["n"], r["k"], r["path"], f"{r['ms']:.4f}",
-                              f"{r['tflops']:.1f}", f"{r['gbps']:.0f}", f"{r['ratio_to_torch']:.3f}",
-                              f"{r['error_vs_torch']:.1e}"] for r in gemm]))
+        parts.append("GEMM vs torch.matmul (bench.bench_gemm): "
+                     + doc["results"]["gemm"].get("bench_gemm", {}).get("status", ""))
+        parts.append(_table(["model", "phase", "M", "N", "K", "path", "ms", "TFLOP/s", "GB/s", "x torch", "error", "target"],
+                            [[r["preset"], r["phase"], r["m"], r["n"], r["k"], r["path"], _fmt(r["ms"], ".4f"),
+                              _fmt(r["tflops"], ".1f"), _fmt(r["gbps"], ".0f"), _fmt(r["ratio_to_torch"], ".3f"),
+                              _fmt(r["max_rel_error"], ".1e"), _verdict(r)] for r in gemm]))
     numerics = doc.get("results", {}).get("numerics", {})
     if numerics.get("problems"):
         parts.append("numerics failures:\n  " + "\n  ".join(numerics["problems"][:15]))
@@ -447,10 +456,11 @@ def render_markdown(doc: dict) -> str:
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {s['summary']} |" for s in doc["steps"]]
     gemm = doc.get("results", {}).get("gemm", {}).get("rows")
     if gemm:
-        lines += ["", "| model | phase | M | N | K | A / path | ms | TFLOP/s | GB/s | x torch.matmul |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['model']} | {r['phase']} | {r['m']} | {r['n']} | {r['k']} | {r['path']} | {r['ms']:.4f} | "
-                  f"{r['tflops']:.1f} | {r['gbps']:.0f} | {r['ratio_to_torch']:.3f} |" for r in gemm]
+        lines += ["", "| model | phase | M | N | K | A / path | ms | TFLOP/s | GB/s | x torch.matmul | target |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['preset']} | {r['phase']} | {r['m']} | {r['n']} | {r['k']} | {r['path']} | {_fmt(r['ms'], '.4f')} | "
+                  f"{_fmt(r['tflops'], '.1f')} | {_fmt(r['gbps'], '.0f')} | {_fmt(r['ratio_to_torch'], '.3f')} | "
+                  f"{_verdict(r)} |" for r in gemm]
     return "\n".join(lines)
 
 
