@@ -5,6 +5,14 @@
     python3 -m bench.device_check --out DIR [--python PY] [--wheelhouse DIR] [--budget 600]
     python3 -m bench.device_check --markdown DIR/device_check.json     # the README's tables
 
+On a lent machine that reaches no registry (the H200 here: its image's python3 has a CUDA torch
+and Triton; ``make device-wheels WHEELHOUSE=.whl`` first, where pip works, and carry ``.whl``):
+
+    PYTHONUNBUFFERED=1 python3 -m bench.device_check --out $OUT --work /tmp/dc --env-root /tmp/envs \
+        --wheelhouse .whl --budget 540
+
+(``--budget`` under the command's own limit, so the summary is always written.)
+
 One script, one process per step, each with its own timeout inside an overall budget (default
 600 s with the environment set-up, the lent H200's 10 minutes); ``DIR/device_check.json`` is
 rewritten after every step, so a run cut short keeps what it measured, and a summary table is
@@ -15,7 +23,7 @@ printed at the end. Steps:
    Python already has a CUDA torch and Triton -- the lent H200's image has torch 2.11+cu130 and
    Triton 3.6 -- keeps them: nothing large is downloaded) plus ``requirements/device.txt``, and
    ``requirements/device-cuda.txt`` (a CUDA torch from PyPI, with its upstream Triton, only where
-   the machine has none: about 4 GB) or, with torch_npu, ``requirements/ascend.txt``
+   the machine has none: about 4 GB) or, with torch_npu, ``requirements/device-ascend.txt``
    (triton-ascend). A machine that reaches no registry (the lent H200 reaches none) takes
    ``--wheelhouse DIR`` instead (``make device-wheels`` fills it where pip works): its wheels are
    installed without dependencies into ``ENV_ROOT/device-overlay-<hash>``, put on PYTHONPATH.
@@ -236,7 +244,7 @@ class Run:
         kind = next((l.split()[1] for l in output.splitlines() if l.startswith("FC2TORCH")), "none")
         files = ["requirements/device.txt"]
         if kind == "npu":
-            files.append("requirements/ascend.txt")
+            files.append("requirements/device-ascend.txt")
         elif kind != "cuda":
             files.append("requirements/device-cuda.txt")  # no CUDA torch here: PyPI's (CUDA) build
         return files
