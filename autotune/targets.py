@@ -20,7 +20,7 @@ from kernels.collectives import max_over_ranks
 from kernels.recv_gemm import gemm
 
 from .space import Problem
-from .timing import Clock
+from .timing import Clock, graph_api
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -80,6 +80,14 @@ class A2AGemmTarget(Target):
             self.context = A2AGemmContext(self.group, max_input_bytes=heap_bytes)
         else:
             self.context = groups.a2a_context(heap_bytes)
+        if graph_api() is not None and p.group_size > 1:
+            # The timer replays graphs here: run the protocol serving runs under graphs
+            # (`fc2.graphs.prepare_for_capture`: ring's barrier made, graph-safe pull, workspaces
+            # at their size). Collective: every rank makes its target at the same point.
+            from kernels.schedules import reserve_workspaces
+
+            reserve_workspaces(self.context, p.group_size, p.tokens, p.k_local, p.n, self.dtype)
+            self.context.prepare_for_capture()
 
     def close(self) -> None:
         if self._own_context:

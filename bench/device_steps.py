@@ -83,6 +83,11 @@ def graph_replay_rank(args) -> dict:
     module.weight_loader(module.weight, full_weight.to(device))
     module.weight_loader(module.bias, bias.to(device))
     k_local = k // world
+    # The one-time work no capture may do (collective), as an engine does it before capturing
+    # (also without a graph backend: the dry run covers it).
+    from fc2.graphs import prepare_for_capture
+
+    prepare_for_capture(module, "full", max_tokens=max(token_counts))
     rows = []
     for tokens in token_counts:
         x_static = torch.zeros(tokens, k_local, dtype=dtype, device=device)
