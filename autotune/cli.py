@@ -90,8 +90,9 @@ def parser() -> argparse.ArgumentParser:
                    help="give calls a symmetric heap so the 'pull' schedule is tuned too (for callers that pass "
                         "kernels.A2AGemmContext(group, max_input_bytes=...); fc2.FlashComm2OProj does not)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up runs per trial (default 5; CPU 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per trial (default 20; CPU 3)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per trial (default 5; CPU 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed samples per trial, each N back-to-back calls (graph replay / device events; "
+                        "autotune.timing) (default 20; CPU 3)")
     p.add_argument("--heartbeat", type=int, default=30,
                    help="seconds between a running trial's heartbeats; silent for twice that = stale (default 30)")
     sweep = p.add_mutually_exclusive_group()

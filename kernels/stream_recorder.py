@@ -68,7 +68,9 @@ from . import platform
 #: Kinds of synchronisation sites a fault-injection run can drop.
 SITE_KINDS = ("wait_event", "wait_stream", "record", "work_wait", "host_sync", "barrier")
 
-_SKIPPED_FILES = {os.path.abspath(__file__), os.path.abspath(platform.__file__), contextlib.__file__}
+_SKIPPED_FILES = {os.path.abspath(__file__), os.path.abspath(platform.__file__), contextlib.__file__,
+                  # the collective placement test mode (FC2_STRICT_PLACEMENT) sits between a call and torch
+                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "placement_check.py")}
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCALAR_RETURNS = {"bool", "int", "float", "number", "Scalar", "SymInt", "SymFloat", "SymBool"}
