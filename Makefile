@@ -12,7 +12,9 @@
 PYTHON ?= python3
 ENV_ROOT ?= $(HOME)/.cache/fc2-triton
 # requirements/vllm.txt is hashed on its own (VLLM_ENV_HASH): the vLLM env is big, the others small.
-ENV_HASH := $(shell cat $(sort $(filter-out requirements/vllm.txt,$(wildcard requirements/*.txt))) | sha256sum | cut -c1-12)
+# requirements/device*.txt are `make device-check`'s (bench/device_check.py hashes its own env).
+DEVICE_REQUIREMENTS := $(wildcard requirements/device*.txt)
+ENV_HASH := $(shell cat $(sort $(filter-out requirements/vllm.txt $(DEVICE_REQUIREMENTS),$(wildcard requirements/*.txt))) | sha256sum | cut -c1-12)
 VLLM_ENV_HASH := $(shell cat requirements/vllm.txt | sha256sum | cut -c1-12)
 ASCEND_ENV := $(ENV_ROOT)/ascend-$(ENV_HASH)
 CUDA_ENV := $(ENV_ROOT)/cuda-$(ENV_HASH)
@@ -20,9 +22,9 @@ VLLM_ENV := $(ENV_ROOT)/vllm-$(VLLM_ENV_HASH)
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: test test-numerics test-lowering test-vllm autotune bench envs clean-envs
+.PHONY: test test-numerics test-lowering test-vllm test-device-dry device-check device-wheels autotune bench envs clean-envs
 
-test: test-numerics test-lowering test-vllm
+test: test-numerics test-lowering test-vllm test-device-dry
 
 # 1. Everything numerical, multi-process with gloo, Triton in its interpreter.
 test-numerics: $(ASCEND_ENV)/.ready
@@ -40,9 +42,38 @@ test-lowering: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready
 # 3. fc2 against real vLLM (its Llama model, loader, RowParallelLinear, patch_model, the general-
 #    plugin entry point) and real transformers models, in the vLLM environment (upstream Triton's
 #    interpreter there). Only these files: the other test modules need packages this env lacks.
+#    vLLM's CPU engine treats the CPU as its device: no simulated-device placement check there.
 VLLM_TESTS := tests/test_fc2_hf.py tests/test_fc2_vllm.py
 test-vllm: $(VLLM_ENV)/.ready $(VLLM_ENV)/.fc2-installed
-	TRITON_INTERPRET=1 $(VLLM_ENV)/bin/python -m pytest -q -m vllm_env $(PYTEST_ARGS) $(VLLM_TESTS)
+	TRITON_INTERPRET=1 FC2_STRICT_PLACEMENT=0 $(VLLM_ENV)/bin/python -m pytest -q -m vllm_env $(PYTEST_ARGS) $(VLLM_TESTS)
+
+# 4. `make device-check`'s dry run: every step at tiny size on CPU (interpreter), so the command a
+#    lent device runs cannot rot.
+test-device-dry: $(ASCEND_ENV)/.ready
+	$(ASCEND_ENV)/bin/python -m bench.device_check --dry-run --out results/device-check-dry
+
+# The day an NPU or a GPU is lent (bench/device_check.py): the device environment, then graph
+# capture, GEMM vs torch.matmul, the numerical tests compiled on the device (world 1 and 2), the
+# tuner and o_shared's measurement, in about 10 minutes; one results file
+# ($(DEVICE_CHECK_OUT)/device_check.json) and a table. DRY_RUN=1: the dry run above. DEVICE_PYTHON:
+# an interpreter to use as it is; WHEELHOUSE: wheels for a machine without a registry.
+DRY_RUN ?= 0
+DEVICE_CHECK_OUT ?= results/device-check
+DEVICE_PYTHON ?=
+WHEELHOUSE ?=
+ifeq ($(DRY_RUN),1)
+device-check: test-device-dry
+else
+device-check:
+	$(PYTHON) -m bench.device_check --out $(DEVICE_CHECK_OUT) --env-root $(ENV_ROOT) \
+		$(if $(DEVICE_PYTHON),--python $(DEVICE_PYTHON)) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE))
+endif
+
+# Wheels for a device machine that reaches no registry (requirements/device-offline.txt), here.
+device-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform any -d $(or $(WHEELHOUSE),.whl) -r requirements/device-offline.txt
 
 # The main job: `python -m autotune` at its defaults (on a CPU-only machine: a small real study of
 # the tiny model on 2 local ranks; database, tables, report and plots in results/autotune/).

@@ -91,8 +91,9 @@ def parser() -> argparse.ArgumentParser:
                         "kernels.A2AGemmContext(group, max_input_bytes=...); fc2.FlashComm2OProj does not)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "int8"), default="bfloat16",
                    help="the model dtype; int8 = W8A8 (int8 W_o and activations, bf16 model; tables keyed dtype=int8)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up runs per trial (default 5; CPU 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per trial (default 20; CPU 3)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per trial (default 5; CPU 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed samples per trial, each N back-to-back calls (graph replay / device events; "
+                        "autotune.timing) (default 20; CPU 3)")
     p.add_argument("--heartbeat", type=int, default=30,
                    help="seconds between a running trial's heartbeats; silent for twice that = stale (default 30)")
     sweep = p.add_mutually_exclusive_group()

@@ -14,7 +14,6 @@ def export_tables(result, options) -> list[Path]:
     grouped: dict = defaultdict(dict)
     shapes: dict = {}
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    statistic = options.policy.describe(result.world_size)
     for bucket in result.buckets:
         if bucket.best_config is None:
             continue
@@ -28,7 +27,8 @@ def export_tables(result, options) -> list[Path]:
                 "reference_ms": bucket.reference_ms,
                 "speedup_vs_default": bucket.speedup_vs_default,
                 "speedup_vs_reference": bucket.speedup_vs_reference,
-                "statistic": statistic,
+                "statistic": options.policy.describe(result.world_size, (bucket.best_timing or {}).get("method")),
+                "timing": bucket.best_timing,
                 "interpreted": bool(result.triton.get("interpreted")),
                 "world_size": result.world_size,
                 "tp": options.tp,

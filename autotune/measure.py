@@ -8,8 +8,10 @@ broadcasts the config (`Comm.broadcast`), and every rank then:
    data; no collective), and the ranks agree on the worst status (an all-reduce of a code):
    a config that does not compile or is refused by the kernel's validation on any rank is
    *infeasible* on every rank, any other error *fails* it on every rank;
-2. runs it ``warmup`` times, then times ``repeats`` runs, each between a barrier and a device
-   synchronize; each rank takes its median;
+2. times it (`autotune.timing.time_per_call`: after ``warmup`` calls, ``repeats`` samples of N
+   back-to-back calls each -- replayed from a device graph where the backend captures one, else
+   between device events, on CPU by the host clock; the ranks agree on N and on the method);
+   each rank takes its median per call;
 3. all-gathers status and median: the trial's value is the maximum over ranks of the medians
    (the slowest rank sets the pace of a collective kernel), identical on every rank.
 
@@ -20,17 +22,14 @@ collective timeout; configs are built and compiled in step 1 so that this stays 
 
 from __future__ import annotations
 
-import statistics
-import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
 import torch.distributed as dist
 
-from kernels import platform
-
 from .search import FAILED, INFEASIBLE, MEASURED, Outcome
+from .timing import Sync, TimingPolicy, time_per_call
+
+__all__ = ["Comm", "TimingPolicy", "classify", "measure_everywhere"]
 
 OK = 0
 CODE = {OK: MEASURED, 1: INFEASIBLE, 2: FAILED}
@@ -38,11 +37,13 @@ _COMPILE_ERRORS = {"CompilationError", "OutOfResources", "LoweringError", "MLIRC
                    "CompileTimeAssertionFailure", "UnsupportedLanguageConstruct"}
 
 
-class Comm:
-    """The collectives the tuner itself uses, on the world group (a no-op with one process)."""
+class Comm(Sync):
+    """The collectives the tuner itself uses, on the world group (a no-op with one process):
+    `Sync`'s barrier and max (host values travel on the device: `kernels.collectives`), and
+    object broadcast / gather."""
 
     def __init__(self) -> None:
-        self.distributed = dist.is_available() and dist.is_initialized()
+        super().__init__()
         self.rank = dist.get_rank() if self.distributed else 0
         self.size = dist.get_world_size() if self.distributed else 1
 
@@ -62,27 +63,6 @@ class Comm:
         dist.all_gather_object(out, obj)
         return out
 
-    def max(self, value: float) -> float:
-        if not self.distributed:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-@dataclass(frozen=True)
-class TimingPolicy:
-    warmup: int = 1
-    repeats: int = 3
-
-    def describe(self, world: int) -> str:
-        return (f"max over {world} rank(s) of the median of {self.repeats} timed runs after "
-                f"{self.warmup} warm-up run(s)")
-
 
 def classify(error: BaseException) -> int:
     """1 (infeasible) for compile / lowering errors and argument validation, else 2 (failed)."""
@@ -98,28 +78,14 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
-def time_median_ms(fn: Callable[[], Any], policy: TimingPolicy, comm: Comm) -> float:
-    """This rank's median over ``policy.repeats`` runs, after ``policy.warmup`` runs (ms)."""
-    for _ in range(policy.warmup):
-        fn()
-    platform.synchronize()
-    samples = []
-    for _ in range(policy.repeats):
-        comm.barrier()
-        platform.synchronize()
-        start = time.perf_counter()
-        fn()
-        platform.synchronize()
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(samples)
-
-
 def measure_everywhere(
     build: Callable[[], Callable[[], Any]],
     policy: TimingPolicy,
     comm: Comm,
+    graphable: bool = True,
 ) -> Outcome:
-    """Build, agree, time, agree (see the module docstring). Same `Outcome` on every rank."""
+    """Build, agree, time, agree (see the module docstring). Same `Outcome` on every rank; its
+    details hold every rank's median and how it was timed (``timing``: method, N, samples)."""
     fn: Optional[Callable[[], Any]] = None
     code, message = OK, ""
     try:
@@ -131,9 +97,10 @@ def measure_everywhere(
     if worst != OK:
         reasons = "; ".join(f"rank {r}: {m}" for r, (c, m) in enumerate(reports) if c != OK)
         return Outcome(CODE[worst], reason=reasons)
-    median = float("nan")
+    median, timing = float("nan"), None
     try:
-        median = time_median_ms(fn, policy, comm)
+        measured = time_per_call(fn, policy, comm, graphable=graphable)
+        median, timing = measured.ms, measured.as_dict()
     except Exception as error:
         code, message = 2, _describe(error)
     reports = comm.gather((code, message, median))
@@ -141,4 +108,5 @@ def measure_everywhere(
         reasons = "; ".join(f"rank {r}: {m}" for r, (c, m, _) in enumerate(reports) if c != OK)
         return Outcome(FAILED, reason=reasons)
     medians = [m for _, _, m in reports]
-    return Outcome(MEASURED, value=max(medians), details={"rank_medians_ms": medians})
+    timing.pop("ms")
+    return Outcome(MEASURED, value=max(medians), details={"rank_medians_ms": medians, "timing": timing})

@@ -85,6 +85,8 @@ class BucketResult:
     best_config: Optional[dict] = None
     best_ms: Optional[float] = None
     best_trial: Optional[int] = None
+    #: How the best config was timed (`autotune.timing.Timing` without ms: method, N, samples).
+    best_timing: Optional[dict] = None
     default_config: Optional[dict] = None
     default_ms: Optional[float] = None
     reference_ms: Optional[float] = None
@@ -223,6 +225,7 @@ def tune_bucket(
     started = rank0.run(start)
     result.feasible_space, result.swept = started["feasible"], started["sweep"]
     proposal = outcome = None
+    graphable = getattr(target, "graphable", True)
     while True:
         message: Any = None
         if comm.rank == 0:
@@ -243,12 +246,12 @@ def tune_bucket(
         if "abort" in message:
             raise TuneError(message["abort"])
         config = decode(message["config"])
-        outcome = measure_everywhere(lambda: target.build(config), options.policy, comm)
+        outcome = measure_everywhere(lambda: target.build(config), options.policy, comm, graphable)
         if outcome.status == MEASURED and hasattr(target, "trial_details"):
             outcome = dataclasses.replace(outcome, details={**outcome.details, **_details_everywhere(target, comm)})
         result.history.append((message["trial"], json.dumps(message["config"], sort_keys=True),
                                outcome.status, outcome.value))
-    reference = measure_everywhere(target.reference, options.policy, comm)
+    reference = measure_everywhere(target.reference, options.policy, comm, graphable)
 
     def summarise() -> dict:
         study = driver.study
@@ -263,6 +266,7 @@ def tune_bucket(
             "best_config": best.user_attrs["config"] if best else None,
             "best_ms": best.value if best else None,
             "best_trial": best.number if best else None,
+            "best_timing": best.user_attrs.get("timing") if best else None,
             "default_config": space.config_dict(space.default_params()),
             "default_ms": default.value if default else None,
             "reference_ms": reference.value if reference.status == MEASURED else None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -90,7 +91,15 @@ def open_storage(url: str, heartbeat: Optional[int] = DEFAULT_HEARTBEAT_S) -> op
                     else "failed_trial_callback")
         kwargs.update(heartbeat_interval=int(heartbeat), grace_period=int(2 * heartbeat), **{callback: retry})
     try:
-        return optuna.storages.RDBStorage(url, **kwargs)
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(url, **kwargs)
+            except Exception as error:
+                # Two processes opening a new database at once (workers, a reader) both create its
+                # tables; the second sees "table ... already exists": the tables are there, open again.
+                if "already exists" not in str(error) or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except ImportError as error:
         raise StorageError(f"--storage {redact(url)}: the database driver is missing ({error}); for PostgreSQL "
                            f"install psycopg2-binary (requirements/tools.txt)") from None

@@ -3,22 +3,24 @@
 A target is created on every rank for one `Problem` and this rank's process groups
 (`fc2.groups.build_groups`, the layout the modules use). `build(config)` is local (allocates and
 compiles: runs the GEMM once on local data, no collective) and returns the callable that is timed;
-`reference()` returns the unfused path the report compares against.
+`reference()` returns the unfused path the report compares against. ``graphable``: whether the
+timer may capture the callable in a device graph (`autotune.timing`).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from kernels import platform
+from kernels.collectives import max_over_ranks
 from kernels.recv_gemm import gemm
 
 from .space import Problem
+from .timing import Clock, graph_api
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
 #: The W8A8 problems' ``dtype``: int8 weights and activations, ``DTYPES[...]`` the model dtype.
@@ -27,6 +29,7 @@ INT8 = "int8"
 
 class Target:
     kernel = ""
+    graphable = True
 
     def __init__(self, problem: Problem, groups: Any, seed: int = 0):
         self.problem = problem
@@ -68,9 +71,10 @@ class Target:
 class A2AGemmTarget(Target):
     """``kernels.all_to_all_gemm`` in this rank's ODP group (the TP group when otp = 1).
 
-    With ``problem.heap`` (``--pull``), calls get an `A2AGemmContext` made once for the group
-    (collectively, on every rank) with a symmetric heap sized for ``x``, so ``pull`` can run;
-    otherwise no context, as `fc2.FlashComm2OProj` calls it.
+    Calls pass the group's persistent `A2AGemmContext`, the one `fc2.FlashComm2OProj` passes
+    (`FC2Groups.a2a_context`: its communication stream and workspaces live across calls, as in
+    serving). With ``problem.heap`` (``--pull``) that context holds a symmetric heap sized for
+    ``x`` (made collectively, on every rank), so ``pull`` can run.
     """
 
     kernel = "all_to_all_gemm"
@@ -86,17 +90,31 @@ class A2AGemmTarget(Target):
         self.x = self._randn(p.tokens, p.k_local)
         self.weight = self._weight(p.n, p.gemm_k)
         self.spec = self._w8a8(p.n) if self.int8 else None
-        # As A2AGemmSpace assumes: a heap context only when asked for (and possible); otherwise
-        # no context, like FlashComm2OProj.
-        self.context = None
+        # As A2AGemmSpace assumes: a heap only when asked for (and possible); W8A8 puts its int8
+        # rows there.
+        heap_bytes = None
         if p.heap and p.group_size > 1 and heap_missing(p.device_kind) is None:
-            row = p.k_local * self.x.element_size() if self.spec is None else max(
-                p.k_local * self.x.element_size(), self.spec.row_bytes(p.k_local))
-            self.context = A2AGemmContext(self.group, max_input_bytes=max(1, p.tokens * row))
+            row = p.k_local * self.x.element_size()
+            if self.spec is not None:
+                row = max(row, self.spec.row_bytes(p.k_local))
+            heap_bytes = max(1, p.tokens * row)
+        self._own_context = self.group is not groups.tp_group
+        if self._own_context:  # not the TP group (no module runs all_to_all_gemm there): a context of its own
+            self.context = A2AGemmContext(self.group, max_input_bytes=heap_bytes)
+        else:
+            self.context = groups.a2a_context(heap_bytes)
+        if graph_api() is not None and p.group_size > 1:
+            # The timer replays graphs here: run the protocol serving runs under graphs
+            # (`fc2.graphs.prepare_for_capture`: ring's barrier made, graph-safe pull, workspaces
+            # at their size). Collective: every rank makes its target at the same point.
+            from kernels.schedules import reserve_workspaces
+
+            reserve_workspaces(self.context, p.group_size, p.tokens, p.k_local, p.n, self.dtype)
+            self.context.prepare_for_capture()
 
     def close(self) -> None:
-        if self.context is not None:
-            self.context.close()
+        if self._own_context:
+            self.context.close()  # the groups' own contexts are closed with the groups
 
     def build(self, config: Any) -> Callable[[], Any]:
         import kernels
@@ -202,6 +220,7 @@ class OSharedPrefetchTarget(Target):
     """
 
     kernel = "oshared_prefetch"
+    graphable = False  # a pass times its own waits; the broadcast ring must run as it serves
     STAND_IN_DIM = 256
 
     def __init__(self, problem: Problem, groups: Any, seed: int = 0):
@@ -227,29 +246,34 @@ class OSharedPrefetchTarget(Target):
         self.blocks = [(torch.randn(self.STAND_IN_DIM, self.STAND_IN_DIM, generator=self.generator)
                         / self.STAND_IN_DIM ** 0.5).to(self.device) for _ in range(2)]
         reps, self.rep_ms = calibrate_stand_in(self.blocks, p.layer_compute_ms)
-        reps_tensor = torch.tensor([reps], dtype=torch.int64)
-        dist.all_reduce(reps_tensor, op=dist.ReduceOp.MAX)
-        self.reps = int(reps_tensor.item())
+        self.reps = int(max_over_ranks(reps))
         self.series = None
         self.samples: list = []  # (wait ms, pass ms) per call of the current config
 
     def _pass(self, weight_of, reach) -> torch.Tensor:
+        """One pass; records (exposed wait, pass) in ms. The marks are events on the compute
+        stream (host clock on CPU): a mark after ``wait_weight`` completes when the stream has
+        waited for the broadcast, so the gap is the stall the compute stream saw -- not a device
+        synchronize, which would also wait for the prefetch just issued (`autotune.timing.Clock`)."""
         from bench.bench_prefetch import stand_in
 
+        clock = Clock()
         attention, mlp = self.reps // 2, self.reps - self.reps // 2
-        waited, start = 0.0, time.perf_counter()
+        waits = []
+        start = clock.mark()
         y = None
         for layer in range(self.problem.layers):
             stand_in(self.blocks, attention)
             reach(layer)
-            before = time.perf_counter()
+            before = clock.mark()
             weight = weight_of(layer)
-            platform.synchronize()  # on a device the wait is on the stream: count it here
-            waited += time.perf_counter() - before
+            waits.append((before, clock.mark()))
             y = self.x @ weight.t()
             stand_in(self.blocks, mlp)
-        platform.synchronize()
-        self.samples.append((waited * 1000.0, (time.perf_counter() - start) * 1000.0))
+        end = clock.mark()
+        clock.finish(end)
+        waited = sum(clock.elapsed_ms(a, b) for a, b in waits)
+        self.samples.append((waited, clock.elapsed_ms(start, end)))
         return y
 
     def build(self, config: Any) -> Callable[[], Any]:

@@ -9,8 +9,13 @@ the launched world, the per-rank head width K_l = K / preset TP, then divided by
 together with the hidden size N) and token count: median time after warm-up of each schedule
 and of the reference (all-to-all + transpose/reshape copy + torch.matmul), ratio to the reference,
 bytes each rank sends (against a TP reduce-scatter of the output, which FlashComm2 replaces), and
-the communication and GEMM timed alone. On a GPU it also reports the GEMM's TFLOP/s against
-torch.matmul at full size. A table on stdout, a CSV in ``--out``.
+the communication and GEMM timed alone. On a GPU / NPU it then runs `bench.bench_gemm` (the GEMM
+against torch.matmul at full size). A table on stdout, a CSV in ``--out``.
+
+Timing (`autotune.timing`, as the tuner times): per call, the median over ``--repeats`` samples of
+N back-to-back calls (N so a sample lasts about 1 ms) after ``--warmup`` calls: replayed from a
+CUDA / NPU graph where it can be captured, else between device events, on CPU by the host clock;
+with several ranks a barrier before each sample and the slowest rank's median.
 
 Overlap efficiency of a schedule: ``(T_seq - T_sched) / (T_seq - max(T_comm, T_gemm))``, with
 T_comm (the all-to-all alone) and T_gemm (the receive-layout GEMM alone) timed in the same run:
@@ -27,9 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -61,28 +64,16 @@ class Row:
 
 
 def _timed(fn: Callable[[], object], warmup: int, repeats: int, collective: bool = True) -> float:
-    """Median milliseconds; with ``collective``, every rank times and the slowest rank counts."""
-    import torch
+    """Milliseconds per call (`autotune.timing.time_per_call`); with ``collective``, every rank
+    times together and the slowest rank's median counts."""
     import torch.distributed as dist
 
-    from kernels import platform
+    from autotune.timing import Sync, TimingPolicy, time_per_call
+    from kernels.collectives import max_over_ranks
 
-    collective = collective and dist.is_initialized()
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if collective:
-            dist.barrier()
-        platform.synchronize()
-        start = time.perf_counter()
-        fn()
-        platform.synchronize()
-        samples.append((time.perf_counter() - start) * 1000)
-    median = torch.tensor([statistics.median(samples)], dtype=torch.float64)
-    if collective:
-        dist.all_reduce(median, op=dist.ReduceOp.MAX)
-    return float(median.item())
+    sync = Sync() if collective and dist.is_initialized() else None
+    ms = time_per_call(fn, TimingPolicy(warmup=warmup, repeats=repeats), sync).ms
+    return float(max_over_ranks(ms)) if sync is not None else ms
 
 
 def _bench_rank(args) -> list[Row]:
@@ -155,32 +146,6 @@ def _bench_rank(args) -> list[Row]:
     return rows
 
 
-def _gemm_vs_matmul(args) -> list[dict]:
-    """Full-size GEMM throughput against torch.matmul (GPU / NPU only)."""
-    import torch
-
-    from kernels import platform
-    from kernels.recv_gemm import gemm
-
-    device = platform.torch_device()
-    dtype = getattr(torch, args.dtype)
-    results = []
-    for preset in args.presets:
-        n, k, tp = PRESETS[preset]
-        for m in args.tokens:
-            m_chunk = max(1, m // tp) if args.per_chunk else m
-            a = torch.randn(tp, m_chunk, k // tp, device=device, dtype=dtype)
-            a_flat = a.transpose(0, 1).reshape(m_chunk, k)
-            w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
-            ours = _timed(lambda: gemm(a, w), args.warmup, args.repeats, collective=False)
-            torch_ms = _timed(lambda: torch.matmul(a_flat, w.t()), args.warmup, args.repeats, collective=False)
-            flops = 2 * m_chunk * n * k
-            results.append(dict(preset=preset, m=m_chunk, n=n, k=k, ours_ms=ours, torch_ms=torch_ms,
-                                ours_tflops=flops / ours / 1e9, torch_tflops=flops / torch_ms / 1e9,
-                                fraction_of_torch=torch_ms / ours))
-    return results
-
-
 def run(args) -> list[Row]:
     return run_on_ranks(_bench_rank, args, world_size=args.world_size, timeout=args.timeout)
 
@@ -211,7 +176,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="results", help="directory for the CSV")
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--per-chunk", action="store_true", help="GEMM-vs-matmul at M = T / TP instead of M = T")
     args = parser.parse_args(argv)
 
     import kernels  # noqa: F401  (selects the interpreter on a CPU-only machine)
@@ -232,11 +196,11 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(r.__dict__ for r in rows)
     print(f"wrote {path}")
-    if on_device:
-        results = _gemm_vs_matmul(args)
-        for r in results:
-            print(f"GEMM {r['preset']} M={r['m']} N={r['n']} K={r['k']}: ours {r['ours_tflops']:.1f} TFLOP/s, "
-                  f"torch.matmul {r['torch_tflops']:.1f} TFLOP/s -> {100 * r['fraction_of_torch']:.1f}% of torch")
+    if on_device:  # the GEMM alone against torch.matmul, at full size on one device: bench.bench_gemm
+        from bench import bench_gemm
+
+        return bench_gemm.main(["--presets", *args.presets, "--dtype", args.dtype,
+                                "--out", os.path.join(args.out, "bench_gemm.json")])
     return 0
 
 

@@ -22,6 +22,12 @@ fetch timed alone, nothing to overlap with), and W_o bytes per rank (``SeriesMem
 layers + windows; the rank holding most) against replicated. A table on stdout,
 a CSV in ``--out``.
 
+Times are marks on the compute stream (`autotune.timing.Clock`: device events on NPU / CUDA, the
+host clock on CPU). The exposed wait of a layer is the gap between a mark before ``wait_weight``
+and one after it: on a device ``wait_weight`` makes the compute stream wait for the broadcast, and
+the mark after it completes only when the stream has waited -- a device synchronize there would
+also wait for the prefetch just issued, and every step would look fully exposed.
+
 On CPU the broadcast transport is real (gloo, a background thread per process group) and so is
 the compute (torch); the heap transport's copy kernel runs in the Triton *interpreter* there,
 synchronously and slowly, so it is off by default on CPU and its CPU timings say nothing about a
@@ -35,7 +41,6 @@ import csv
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 
 from bench.launch import run_on_ranks
@@ -77,29 +82,27 @@ def calibrate_stand_in(blocks: list, target_ms: float, samples: int = 7) -> tupl
     """Stand-in matmuls that take about ``target_ms`` here: (reps, measured ms of one rep).
 
     Local (no collective); a caller that needs every rank to agree takes the max over ranks."""
-    from kernels import platform
+    from autotune.timing import Clock
 
     if target_ms <= 0:
         return 0, 0.0
+    clock = Clock()
     stand_in(blocks, 2)  # warm-up
-    platform.synchronize()
     times = []
     for _ in range(samples):
-        start = time.perf_counter()
-        stand_in(blocks, 1)
-        platform.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
+        start = clock.mark()
+        stand_in(blocks, 4)
+        end = clock.mark()
+        clock.finish(end)
+        times.append(clock.elapsed_ms(start, end) / 4)
     per_rep = statistics.median(times)
     return max(1, round(target_ms / per_rep)), per_rep
 
 
 def _max_over_ranks(value: float) -> float:
-    import torch
-    import torch.distributed as dist
+    from kernels.collectives import max_over_ranks
 
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
+    return float(max_over_ranks(float(value)))
 
 
 def _gather(value: float) -> list:
@@ -125,9 +128,12 @@ def _bench_rank(args) -> list[Row]:
     import torch.distributed as dist
     from torch import nn
 
+    from autotune.timing import Clock
     from fc2.shared_weights import SharedWeightSeries
+    from kernels.collectives import max_over_ranks
     from kernels import platform
 
+    clock = Clock()
     world = dist.get_world_size()
     device = platform.torch_device()
     dtype = getattr(torch, args.dtype)
@@ -164,8 +170,8 @@ def _bench_rank(args) -> list[Row]:
     def one_step(setting: _Setting) -> None:
         dist.barrier()
         platform.synchronize()
-        waited = 0.0
-        start = time.perf_counter()
+        waits = []
+        start = clock.mark()
         for layer in range(args.layers):
             if setting.get_weight is None:  # the stand-in compute alone
                 _stand_in(blocks, 2 * args.compute_reps)
@@ -174,16 +180,16 @@ def _bench_rank(args) -> list[Row]:
                 setting.reach(layer)
             _stand_in(blocks, args.compute_reps)  # attention
             setting.reach(layer)
-            before = time.perf_counter()
+            before = clock.mark()
             weight = setting.get_weight(layer)
-            platform.synchronize()  # on a device the wait is on the stream: count it here
-            waited += time.perf_counter() - before
+            waits.append((before, clock.mark()))  # the compute stream's stall (see the docstring)
             y = x @ weight.t()
             _stand_in(blocks, args.compute_reps)  # MLP
             del y
-        platform.synchronize()
-        setting.step_ms.append((time.perf_counter() - start) * 1000)
-        setting.wait_ms.append(waited * 1000)
+        end = clock.mark()
+        clock.finish(end)
+        setting.step_ms.append(clock.elapsed_ms(start, end))
+        setting.wait_ms.append(sum(clock.elapsed_ms(a, b) for a, b in waits))
 
     # Rounds: every setting runs one step per round, in a rotating order, so that drift in the
     # machine's load hits every setting alike.
@@ -212,20 +218,22 @@ def _bench_rank(args) -> list[Row]:
         wait_ms = statistics.median(setting.wait_ms)
         per_rank_wait = _gather(round(wait_ms, 2))
         wait_ms = _max_over_ranks(wait_ms)
-        bytes_per_rank = int(_max_over_ranks(setting.series.memory().total_bytes))
+        bytes_per_rank = int(max_over_ranks(int(setting.series.memory().total_bytes)))
         setting.series.close()
         # Link time of one layer: fetches with nothing to overlap (p = 0, no compute in between).
         link = make_series(0, setting.transport, "link")
         for layer in range(args.layers):  # warm-up pass
             link.wait_weight(layer)
         dist.barrier()
-        start = time.perf_counter()
+        platform.synchronize()
+        start = clock.mark()
         passes = max(1, args.steps // 2)
         for _ in range(passes):
             for layer in range(args.layers):
                 link.wait_weight(layer)
-        platform.synchronize()
-        link_ms = _max_over_ranks((time.perf_counter() - start) * 1000 / (passes * args.layers))
+        end = clock.mark()
+        clock.finish(end)
+        link_ms = _max_over_ranks(clock.elapsed_ms(start, end) / (passes * args.layers))
         link.close()
         note = "copy kernel INTERPRETED, synchronous on CPU" if setting.transport == "heap" and platform.is_interpreter() else ""
         rows.append(Row(setting.name, setting.transport, setting.prefetch_step, args.layers, world, step_ms,

@@ -9,21 +9,32 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
+import time
 from typing import Callable, Optional
+
+
+#: Overrides the collective backend (``gloo``: several ranks sharing one GPU, as `make
+#: device-check` runs world 2 on one device; gloo carries CUDA tensors through host memory).
+ENV_BACKEND = "FC2_BENCH_BACKEND"
 
 
 def init_from_env() -> None:
     """Join the process group described by RANK / WORLD_SIZE / MASTER_* (torchrun's variables),
-    with the device's collective backend, on the device LOCAL_RANK names."""
+    with the device's collective backend (or ``$FC2_BENCH_BACKEND``), on the device LOCAL_RANK
+    names (modulo the devices present: ranks share devices when there are fewer)."""
     import torch
     import torch.distributed as dist
 
     from kernels import platform
 
-    if platform.device_kind() != "cpu":
-        getattr(torch, platform.device_kind()).set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(platform.collective_backend(), timeout=datetime.timedelta(seconds=600))
+    kind = platform.device_kind()
+    if kind != "cpu":
+        module = getattr(torch, kind)
+        module.set_device(int(os.environ.get("LOCAL_RANK", 0)) % max(1, module.device_count()))
+    backend = os.environ.get(ENV_BACKEND) or platform.collective_backend()
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=600))
 
 
 def _spawned(rank: int, world: int, port: int, bench_fn: Callable, args, threads: int, queue) -> None:
@@ -59,8 +70,17 @@ def run_on_ranks(bench_fn: Callable, args, *, world_size: int, timeout: float, t
     ]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + timeout
+    rows = None
     try:
-        rows = queue.get(timeout=timeout)
+        while rows is None:
+            try:
+                rows = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:  # a rank died, or too slow: do not wait on
+                    raise SystemExit(f"a benchmark rank failed or timed out ({timeout:.0f} s): exit codes "
+                                     f"{[p.exitcode for p in procs]}") from None
     finally:
         for p in procs:
             p.join(timeout=60)

@@ -224,8 +224,12 @@ class FlashComm2OProj(nn.Module):
         self._op_key = f"{prefix or 'o_proj'}#{id(self)}"
         OP_MODULES[self._op_key] = self
         self._plans: dict[int, OProjPlan] = {}
-        # Load the tuned table now (read once per process): a corrupt or mismatched table fails at
-        # construction, a missing one warns once, not at the first forward.
+        # Tuned tables: the same contents on every rank of the TP group (checked once, collectively:
+        # every rank builds the same modules in the same order), then this module's table is loaded
+        # (read once per process): a corrupt, mismatched or rank-dependent table fails here, a
+        # missing one warns once, not at the first forward.
+        if groups.tp_size > 1:
+            tuned_tables.verify_same_on_ranks(groups.tp_group, config.tables_dir)
         self._tuned(1)
 
     # ---- weights ------------------------------------------------------------------------------

@@ -15,8 +15,14 @@ ownership is relative to the first layer of the series, so a pipeline stage that
   it early (`early_hook`, e.g. at the start of attention) and again in ``forward`` is fine.
 - ``wait_weight(l_q)`` returns the weight to compute with (the owner's own copy, a filled window,
   or, for decode-sized token counts with the heap transport, a `PeerWeight` the GEMM reads in
-  place). It calls ``reach_layer`` itself when nobody did, so a path that forgets the prefetch
-  still issues exactly the same transfers.
+  place), the current stream joined with its transfer (on every member, the sender too). It
+  calls ``reach_layer`` itself when nobody did, so a path that forgets the prefetch still issues
+  exactly the same transfers.
+- ``prepare_for_capture(mode)`` (graph capture, `fc2.graphs`): from then on a pass fetches its own
+  layers (no wrap into the next pass) and a layer's window is ``position mod (p + 1)``, a
+  function of the layer, so that replaying a captured pass is right for every L and p; every
+  transfer is joined inside the pass. Piecewise graphs (one piece per layer) need
+  ``prefetch_step = 0`` (`capture_refusal` says why otherwise).
 
 Rules. Any ``L >= 1``; ``prefetch_step`` in ``[0, L - 1]`` (0 = fetch at use, no overlap).
 Layers must be used in series order, wrapping after the last; a call out of order raises
@@ -55,12 +61,37 @@ from kernels.weight_broadcast import (
 
 #: Attribute a registered module carries: the series it belongs to (`finalize` looks for it).
 SERIES_ATTR = "fc2_shared_series"
+#: Attribute set on the hooks `early_hook` makes (`fc2.graphs` refuses them in piecewise graphs).
+EARLY_HOOK_ATTR = "fc2_early_hook"
 
 Weight = Union[torch.Tensor, PeerWeight]
 
 
 class SeriesOrderError(RuntimeError):
     """A layer of an o_shared series was reached or used out of order (nothing was issued)."""
+
+
+#: Graph modes: eager, vLLM's piecewise graphs (split at attention), one full graph per pass.
+GRAPH_MODES = ("none", "piecewise", "full")
+
+
+def capture_refusal(mode: str, prefetch_step: Optional[int], name: str = "o_proj") -> Optional[str]:
+    """Why an o_shared series cannot be replayed correctly in graph mode ``mode`` (None: it can).
+
+    ``piecewise``: each layer's o_proj is in another captured piece than the layers before it, so
+    a prefetch (issued one piece, joined ``prefetch_step`` layers later) would cross pieces: only
+    ``prefetch_step = 0`` (fetch at use, joined in the same piece) is correct. ``full``: any
+    prefetch step (a pass fetches its own layers, `SharedWeightSeries.prepare_for_capture`)."""
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {GRAPH_MODES}")
+    if mode == "piecewise" and prefetch_step != 0:
+        step = "from the tuned table (unknown until the series is built)" if prefetch_step is None else prefetch_step
+        return (
+            f"o_shared series {name!r}: prefetch_step={step} under piecewise graph capture: a prefetch is issued in "
+            "one captured piece and joined layers later in another, which a graph cannot replay; set "
+            "FC2_PREFETCH_STEP=0 (fetch each layer at use), or use full graphs or eager mode"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -181,9 +212,16 @@ class SharedWeightSeries:
         self._owned: dict[int, torch.Tensor] = {}
         self._windows: Optional[WindowRing] = None
         self._inflight: dict[int, tuple[int, Fetch]] = {}
-        self._sequence = 0  # fetches issued so far; fetch k goes into window k mod (prefetch_step + 1)
+        self._sequence = 0  # fetches issued so far ("none" mode: fetch k goes into window k mod (p + 1))
         self._cursor = 0  # position of the next layer to run
         self._reached = False  # whether the cursor layer's prefetch has been issued
+        #: Graph mode (`prepare_for_capture`): "none" = eager, the prefetch wraps across passes.
+        self.graph_mode = "none"
+        # Host clock of the series' calls: when each window was last handed out, and when the
+        # heap transport's copy stream last waited for the compute stream (None: it must now).
+        self._calls = 0
+        self._window_used_at: dict[int, int] = {}
+        self._forked_at: Optional[int] = None
         self._own_group = False  # the series made its group (setup_oproj_series) and destroys it on close
 
     # ---- structure ------------------------------------------------------------------------
@@ -308,8 +346,14 @@ class SharedWeightSeries:
         fetches_some = len(self._owned) < len(layers)
         self._windows = WindowRing(self.prefetch_step + 1 if fetches_some else 0, spec)
         self._finalized = True
-        for q in range(self.prefetch_step):
-            self._issue(q, tokens=None)
+        self._issue_pass_start()
+
+    def _issue_pass_start(self) -> None:
+        """Eager: the first ``prefetch_step`` fetches, issued ahead (later ones come from the
+        previous pass's last layers). Graph modes issue nothing ahead: a pass fetches its own."""
+        if self.graph_mode == "none":
+            for q in range(self.prefetch_step):
+                self._issue(q, tokens=None)
 
     def _transformed(self, layer: int) -> torch.Tensor:
         member = self._registered[layer]
@@ -343,14 +387,36 @@ class SharedWeightSeries:
     def _direct(self, tokens: Optional[int]) -> bool:
         return bool(self.direct_max_tokens) and tokens is not None and tokens <= self.direct_max_tokens
 
+    def _slot(self, position: int) -> int:
+        """The window of a fetch. Eager: fetches in issue order, round the ring (the issue order
+        wraps across passes, so a layer's window changes from pass to pass unless p + 1 divides
+        L). Graph modes: ``position mod (p + 1)``, a function of the layer alone, so that a
+        replayed pass is the captured one (a pass issues its fetches in layer order, no wrap)."""
+        if self.graph_mode == "none":
+            slot = self._sequence % (self.prefetch_step + 1)
+            self._sequence += 1
+            return slot
+        return position % (self.prefetch_step + 1)
+
+    def _fetch(self, position: int, slot: int) -> Fetch:
+        window = None if self.ownership.owner(position) == self.group_rank else self._windows[slot]
+        # The heap transport's copy stream waits for the compute stream only when the window's
+        # last reader was handed out after its previous wait (or in a new capture piece).
+        fork = window is not None and (
+            self._forked_at is None or self._window_used_at.get(slot, -1) >= self._forked_at
+        )
+        fetch = self._transport.fetch(position, window, fork=fork)
+        if fork:
+            self._forked_at = self._calls
+        return fetch
+
     def _issue(self, position: int, tokens: Optional[int]) -> None:
-        slot = self._sequence % (self.prefetch_step + 1)
-        self._sequence += 1
+        slot = self._slot(position)
         mine = self.ownership.owner(position) == self.group_rank
         if not mine and self._direct(tokens):
             fetch: Fetch = NotIssued()  # the heap transport has no collective to keep in step
         else:
-            fetch = self._transport.fetch(position, None if mine else self._windows[slot])
+            fetch = self._fetch(position, slot)
         self._inflight[position] = (slot, fetch)
 
     def _check_ready(self, call: str, layer_idx: int) -> int:
@@ -385,32 +451,45 @@ class SharedWeightSeries:
             return
         if position != self._cursor:
             raise self._order_error("reach_layer", layer_idx)
-        self._issue((position + self.prefetch_step) % len(self._layers), tokens)
+        self._calls += 1
+        count = len(self._layers)
+        if self.graph_mode == "none":
+            self._issue((position + self.prefetch_step) % count, tokens)
+        else:
+            if position == 0 or self.graph_mode == "piecewise":
+                self._forked_at = None  # a new capture: fork the copy stream into it again
+            ahead = range(min(self.prefetch_step, count - 1) + 1) if position == 0 else [position + self.prefetch_step]
+            for q in ahead:
+                if q < count:
+                    self._issue(q, tokens)
         self._reached = True
 
     def wait_weight(self, layer_idx: int, tokens: Optional[int] = None) -> Weight:
         """The weight of ``layer_idx`` to compute with, once its transfer is done (see module doc).
 
-        Returns a tensor (own copy or window; valid until ``prefetch_step + 1`` more layers have
-        been reached) or, with ``tokens <= direct_max_tokens`` on the heap transport, a
-        `PeerWeight` for `kernels.peer_weight_gemm`.
+        Returns a tensor (own copy or window: valid for work queued on the current stream before
+        the next call on the series, whose fetch may refill the window) or, with
+        ``tokens <= direct_max_tokens`` on the heap transport, a `PeerWeight` for
+        `kernels.peer_weight_gemm`.
         """
         position = self._check_ready("wait_weight", layer_idx)
         if position != self._cursor:
             raise self._order_error("wait_weight", layer_idx)
         if not self._reached:
             self.reach_layer(layer_idx, tokens)
+        self._calls += 1
         slot, fetch = self._inflight.pop(position)
         self._cursor = (position + 1) % len(self._layers)
         self._reached = False
         if position in self._owned:
-            fetch.wait()
+            fetch.wait()  # the sender joins its broadcast too (its buffer's reuse, graph capture)
             return self._owned[position]
         if not fetch.issued:
             if self._direct(tokens):
                 return self._transport.peer_weight(position)
-            fetch = self._transport.fetch(position, self._windows[slot])  # heap only: no collective
+            fetch = self._fetch(position, slot)  # heap only: no collective
         fetch.wait()
+        self._window_used_at[slot] = self._calls
         return self._windows[slot]
 
     def early_hook(self, layer_idx: int) -> Callable:
@@ -419,19 +498,58 @@ class SharedWeightSeries:
         def hook(module, args):
             self.reach_layer(layer_idx)
 
+        setattr(hook, EARLY_HOOK_ATTR, True)
         return hook
 
-    def synchronize(self) -> None:
-        """Wait until every transfer in flight is complete (sender side included)."""
+    def _quiesce(self) -> None:
+        """Make every transfer in flight safe to tear down (sender side included): collectives
+        joined into the current stream, the heap transport's copies waited by the host. Their
+        results are not used (the fetches are forgotten)."""
+        copies = any(fetch.event is not None for _, fetch in self._inflight.values())
         for _, fetch in self._inflight.values():
-            fetch.drain()
+            fetch.abandon()
+        self._inflight.clear()
+        if copies:  # every other copy was waited by the compute stream already
+            self._transport.synchronize()
+
+    def prepare_for_capture(self, mode: str) -> None:
+        """Switch to graph mode ``mode`` ("none", "piecewise", "full") for every later pass.
+
+        Collective (every member, between two passes, outside any capture). In a graph mode a
+        pass fetches its own layers (at its first layer, positions ``0..p``; at layer q, q + p;
+        nothing wraps into the next pass), each layer's window is ``position mod (p + 1)``, every
+        transfer is joined by the layer that uses it, and the heap transport forks its copy
+        stream from the compute stream anew at each capture piece: a replayed pass is the captured
+        one, and every fork is joined inside the pass (``full``) or the layer (``piecewise``,
+        which therefore needs ``prefetch_step = 0``). What is in flight now is abandoned (a
+        graph-mode pass fetches its own layers)."""
+        refusal = capture_refusal(mode, self.prefetch_step, self.name)
+        if refusal:
+            raise ValueError(refusal)
+        if not self._finalized or self._closed:
+            raise RuntimeError(f"o_shared series {self.name!r}: prepare_for_capture() before finalize() or after close()")
+        if platform.is_capturing():
+            raise RuntimeError(f"o_shared series {self.name!r}: prepare_for_capture() inside a graph capture")
+        if self._cursor != 0 or self._reached:
+            raise RuntimeError(
+                f"o_shared series {self.name!r}: prepare_for_capture() in the middle of a pass (next layer "
+                f"{self._layers[self._cursor]}); call it between forward passes"
+            )
+        for _, fetch in self._inflight.values():
+            fetch.abandon()  # a graph-mode pass fetches its own layers again
+        self._inflight.clear()
+        self.graph_mode = mode
+        self._sequence = 0
+        self._forked_at = None
+        self._issue_pass_start()
 
     def close(self) -> None:
-        """Drain the transfers in flight and release the windows and the transport (heap)."""
+        """Drain the transfers in flight and release the windows and the transport (heap).
+        Collective (every member): the heap transport's memory goes after a barrier."""
         if self._closed:
             return
         if self._finalized:
-            self.synchronize()
+            self._quiesce()
         self._inflight.clear()
         if self._transport is not None:
             self._transport.close()

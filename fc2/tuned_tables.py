@@ -30,11 +30,19 @@ else ``$FC2_CONFIG_DIR``. A missing directory or file means "not tuned": the cal
 its heuristics, and one warning per missing table per process says so. A file that exists but is
 corrupt or does not match (another kernel, shape, device or Triton) raises `TunedTableError` naming
 the file and the problem: a deployment that ships tables should not silently run untuned.
+
+Read once, the same on every rank: a process reads a directory's tables for its device once (the
+first lookup: `TableCache`) and never again, so a file that changes mid-run changes nothing until
+the next run. Tables decide schedules, hence collectives: `verify_same_on_ranks` (called by
+`fc2.FlashComm2OProj` when it is built, once per TP group) all-gathers a sha256 of every table file
+each rank would read and raises `TunedTableError` on every rank, naming the files and the ranks,
+when they differ (a node with a missing or newer file).
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import os
@@ -242,11 +250,25 @@ def load_table(
     version must match: configs are compile options of one Triton)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as error:
         raise TunedTableError(path, f"cannot be read: {error}") from None
+    return parse_table(path, data, kernel=kernel, shape=shape, device_name=device_name, triton=triton)
+
+
+def parse_table(
+    path: PathLike,
+    data: bytes,
+    *,
+    kernel: Optional[str] = None,
+    shape: Optional[Mapping[str, Any]] = None,
+    device_name: Optional[str] = None,
+    triton: Optional[Mapping[str, Any]] = None,
+) -> TunedTable:
+    """`load_table` of contents already read (``data``: the file's bytes; ``path`` names it)."""
+    path = Path(path)
     try:
-        document = json.loads(text)
+        document = json.loads(data.decode("utf-8", errors="replace"))
     except json.JSONDecodeError as error:
         raise TunedTableError(path, f"not valid JSON ({error})") from None
     if not isinstance(document, dict):
@@ -313,22 +335,64 @@ def resolve_directory(directory: Optional[PathLike] = None) -> Optional[Path]:
     return Path(from_env) if from_env else None
 
 
-class TableCache:
-    """Tables loaded once per process, and one warning per missing table.
+@dataclass(frozen=True)
+class Snapshot:
+    """The table files of one directory for one device, read once: file name -> bytes."""
 
-    A model builds one o_proj per layer: 61 modules asking for the same table read it once and
-    warn once, not 61 times. Thread-safe; `clear` forgets everything (tests, or after re-tuning).
+    directory: Optional[Path]
+    files: Mapping[str, bytes]
+
+    @classmethod
+    def read(cls, directory: Optional[Path], device_name: str) -> "Snapshot":
+        if directory is None or not directory.is_dir():
+            return cls(directory, {})
+        suffix = f",device_name={_safe(device_name)}.json"
+        files = {}
+        for path in sorted(directory.glob(f"*{suffix}")):
+            try:
+                files[path.name] = path.read_bytes()
+            except OSError as error:  # unreadable: that is what every lookup of it will say
+                files[path.name] = f"unreadable: {error}".encode()
+        return cls(directory, files)
+
+    def fingerprint(self) -> dict:
+        """What ranks compare: the directory (for messages) and each file's sha256."""
+        return {"directory": None if self.directory is None else str(self.directory),
+                "files": {name: hashlib.sha256(data).hexdigest() for name, data in self.files.items()}}
+
+
+class TableCache:
+    """Tables read once per process, one warning per missing table, the same on every rank.
+
+    The first lookup in a directory reads every table file there for this device (a `Snapshot`);
+    lookups parse from it and never read the disk again, so a file changed, added or removed
+    later is not picked up mid-run (`clear` forgets everything: a new run, or tests).
+    `verify_same_on_ranks` compares the snapshots of a group's ranks once, collectively. A model
+    builds one o_proj per layer: 61 modules asking for the same table read it once and warn
+    once, not 61 times. Thread-safe.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tables: dict[tuple, TunedTable] = {}
+        self._snapshots: dict[tuple, Snapshot] = {}
+        self._tables: dict[str, TunedTable] = {}
         self._warned: set = set()
+        self._verified: set = set()
 
     def clear(self) -> None:
         with self._lock:
+            self._snapshots.clear()
             self._tables.clear()
             self._warned.clear()
+            self._verified.clear()
+
+    def snapshot(self, directory: Optional[Path], device_name: str) -> Snapshot:
+        key = (None if directory is None else str(directory), device_name)
+        with self._lock:
+            found = self._snapshots.get(key)
+            if found is None:
+                found = self._snapshots[key] = Snapshot.read(directory, device_name)
+        return found
 
     def get(
         self,
@@ -344,19 +408,17 @@ class TableCache:
                             f"{kernel} uses its heuristic configs (tune with `python -m autotune`)")
             return None
         path = where / name
-        try:
-            stamp = path.stat().st_mtime_ns
-        except FileNotFoundError:
+        data = self.snapshot(where, device_name).files.get(name)
+        if data is None:
             self._warn_once(("missing", str(path)), f"no tuned table {path}; {kernel} uses its heuristic "
                             f"configs for this shape (tune with `python -m autotune`)")
             return None
-        key = (str(path), stamp)
         with self._lock:
-            table = self._tables.get(key)
+            table = self._tables.get(str(path))
         if table is None:
-            table = load_table(path, kernel=kernel, shape=shape, device_name=device_name)
+            table = parse_table(path, data, kernel=kernel, shape=shape, device_name=device_name)
             with self._lock:
-                self._tables[key] = table
+                self._tables[str(path)] = table
         return table
 
     def _warn_once(self, key: tuple, message: str) -> None:
@@ -365,6 +427,70 @@ class TableCache:
                 return
             self._warned.add(key)
         logger.warning(message)
+
+
+def _differences(fingerprints: list, ranks: list) -> list[str]:
+    """One line per table file whose contents are not the same on every rank."""
+    names = sorted({name for f in fingerprints for name in f["files"]})
+    lines = []
+    for name in names:
+        holders: dict = {}
+        for rank, fingerprint in zip(ranks, fingerprints):
+            digest = fingerprint["files"].get(name)
+            holders.setdefault(digest, []).append(rank)
+        if len(holders) == 1:
+            continue
+        parts = []
+        for digest, members in holders.items():
+            where = sorted({fingerprints[ranks.index(r)]["directory"] or "no directory" for r in members})
+            what = f"sha256 {digest[:12]}" if digest else "missing"
+            parts.append(f"{what} on rank(s) {members} ({', '.join(where)})")
+        lines.append(f"{name}: " + "; ".join(parts))
+    return lines
+
+
+def verify_same_on_ranks(
+    group: Any = None,
+    directory: Optional[PathLike] = None,
+    *,
+    device_name: Optional[str] = None,
+    cache: Optional["TableCache"] = None,
+) -> None:
+    """Collective over ``group`` (None: the world): every rank must hold the same tuned tables.
+
+    Each rank takes the snapshot its lookups will use (the table files for this device in
+    ``directory`` / ``$FC2_CONFIG_DIR``) and the ranks all-gather its sha256 per file. Any file
+    that differs, or exists on some ranks only, raises `TunedTableError` on every rank naming the
+    file, the ranks and their directories: ranks running on different tables would pick different
+    schedules and issue different collectives. Done once per (group, directory) per process
+    (`FlashComm2OProj` calls it when it is built: every rank builds the same modules in order)."""
+    import torch.distributed as dist
+
+    cache = CACHE if cache is None else cache
+    if device_name is None:
+        from kernels import platform
+
+        device_name = platform.device_name()
+    where = resolve_directory(directory)
+    snapshot = cache.snapshot(where, device_name)
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    ranks = list(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+    key = (tuple(ranks), None if where is None else str(where), device_name)
+    if len(ranks) == 1 or key in cache._verified:
+        return
+    fingerprints = [None] * len(ranks)
+    dist.all_gather_object(fingerprints, snapshot.fingerprint(), group=group)
+    differences = _differences(fingerprints, ranks)
+    if differences:
+        first = differences[0].split(":", 1)[0]
+        raise TunedTableError(  # the same message on every rank: the file name, every rank's directory
+            first,
+            f"the tuned tables differ between the ranks {ranks} of this group: " + " | ".join(differences)
+            + ". Every rank must run on the same table contents (they decide the schedules, hence the "
+            "collectives): give every rank the same files",
+        )
+    cache._verified.add(key)
 
 
 #: The process's table cache (see `TableCache` for why one exists).

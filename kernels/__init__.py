@@ -11,6 +11,10 @@ if platform.is_interpreter():
 
     install_bf16_dot_fix()
 
+from . import placement_check as _placement_check
+
+_placement_check.install_from_env()  # FC2_STRICT_PLACEMENT=1: collectives check device placement (tests)
+
 from .gemm_config import GemmConfig, candidate_gemm_configs, default_gemm_config
 from .gemm_kernel import Int8Scales
 from .quantize import W8A8, quantize_rows

@@ -1,19 +1,21 @@
 """State the overlapped ``all_to_all_gemm`` schedules keep across calls, created once.
 
 ``A2AGemmContext(group)`` holds what a schedule must not rebuild per call and must not hide in a
-global: the communication lane (a stream of its own on NPU / CUDA), reusable workspaces, and,
-with ``max_input_bytes``, the symmetric heap of the ``pull`` schedule with its two input slots.
-Creating it is collective when it makes a heap (every rank of ``group``, the same arguments).
+global: reusable workspaces and, with ``max_input_bytes``, the symmetric heap of the ``pull``
+schedule with its input slots. Creating it is collective when it makes a heap (every rank of
+``group``, the same arguments).
 
-**Communication lane.** `CommLane.start(issue)` runs ``issue()`` (which starts collectives with
-``async_op=True`` and returns their work handles) and gives back a `Pending`:
+**Communication** (`Pending`): the schedules start collectives with ``async_op=True`` on the
+current stream. On NCCL / HCCL such a collective runs on the backend's own stream after waiting
+for the current stream (its inputs, and the last reader of the buffer it overwrites, are queued
+there), and ``Pending.wait()`` (``work.wait()``) makes the current stream wait for it: the host
+never blocks between chunks, and no stream of ours is needed. On CPU gloo runs the work on its
+own threads while the caller multiplies, and ``wait`` blocks.
 
-- NPU / CUDA: the collectives are issued on the lane's own stream, which first waits for the
-  compute stream (their inputs, and the last reader of the buffers they overwrite, are there);
-  an event recorded after them is what ``Pending.wait()`` makes the *compute stream* wait on.
-  The host never blocks between chunks.
-- CPU: gloo runs ``async_op=True`` work on its own threads while the caller multiplies;
-  ``Pending.wait()`` waits for the handles.
+**Workspaces** are byte buffers kept per name, sized for the largest call seen (or reserved up
+front, `reserve`): a call with fewer tokens takes a slice, so changing the token count never
+reallocates. Inside a graph capture a workspace that would have to grow raises instead (the
+graph would keep the old buffer).
 
 **Pull slots (zero copy and reuse).** Call ``e`` of the ``pull`` schedule uses slot ``e % 2`` of
 the heap. `input_buffer` returns that slot, so a caller can write attention output straight into
@@ -22,18 +24,26 @@ the heap; any other ``x`` is copied into it. One barrier per call is enough:
 - no reader sees the previous call's data: the GEMM of call e reads peers' slot ``e % 2`` only
   after call e's barrier, which each peer reaches after writing slot ``e % 2`` for call e;
 - no writer overwrites what a peer still reads: slot ``e % 2`` was last read in call e-2, and a
-  rank writes it only after returning from call e-1, i.e. after call e-1's barrier, which no
-  peer reaches before finishing call e-2.
+  rank writes it only after call e-1's barrier, which no peer reaches before finishing call e-2.
 
 (On a device, "after" is stream order: the copy, the heap's barrier and the GEMM are all on the
-compute stream.) Every rank must make the same sequence of ``pull`` calls on a context, as with
-any collective.
+current stream.) The call counter ``e`` is host state, which a captured graph would freeze: after
+`prepare_for_capture` every call uses slot 0 and ends with a second barrier (nobody writes the
+slot again before every peer has read it), so a replayed call is the same as a fresh one.
+
+**Shared state.** Everything that shapes the collectives is the same on every rank: the epoch
+advances when a ``pull`` call starts (also if it then fails), ``auto`` picks ``pull`` from
+whether the context was *made* with a heap that holds x, and a failure inside a schedule changes
+nothing in the context (the error propagates; if a peer died, the next collective fails on every
+rank). A rank that closed its context alone refuses ``pull`` with an error instead of quietly
+running another schedule. Every rank must make the same sequence of ``pull`` calls on a context,
+as with any collective.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,36 +57,14 @@ PULL_SLOTS = 2
 
 @dataclass
 class Pending:
-    """Communication in flight; ``wait()`` orders the compute that needs its result after it."""
+    """Collectives in flight (their work handles); ``wait()`` orders what needs their results
+    after them: the current stream on NCCL / HCCL, the host on CPU."""
 
     works: Sequence = ()
-    event: object = None
 
     def wait(self) -> None:
-        if self.event is not None:
-            platform.current_stream().wait_event(self.event)
         for work in self.works:
             work.wait()
-
-
-class CommLane:
-    """Where communication runs: its own stream on NPU / CUDA, gloo's threads on CPU."""
-
-    def __init__(self, kind: Optional[str] = None):
-        self.kind = kind or platform.device_kind()
-        self.stream = platform.new_stream() if self.kind != "cpu" else None
-
-    def start(self, issue: Callable[[], Sequence]) -> Pending:
-        """Run ``issue()`` (starts collectives with async_op=True, returns their works)."""
-        if self.stream is None:
-            return Pending(works=tuple(issue() or ()))
-        self.stream.wait_stream(platform.current_stream())
-        with platform.use_stream(self.stream):
-            for work in issue() or ():
-                work.wait()  # NCCL / HCCL: the lane's stream waits; the host does not
-            event = platform.new_event()
-            event.record(self.stream)
-        return Pending(event=event)
 
 
 def _no_heap_message() -> str:
@@ -101,7 +89,7 @@ def normalized_group(group: Optional[dist.ProcessGroup]):
 
 
 class A2AGemmContext:
-    """Streams, workspaces and (optionally) the symmetric heap of ``all_to_all_gemm``.
+    """Workspaces and (optionally) the symmetric heap of ``all_to_all_gemm``.
 
     Args:
         group: the process group the calls will use (None = the world).
@@ -128,12 +116,14 @@ class A2AGemmContext:
                 raise HeapUnavailable(f"A2AGemmContext(max_input_bytes=...): no symmetric heap here: {missing}")
         self.group = normalized_group(group)
         self.device = torch.device(device) if device is not None else platform.torch_device()
-        self.lane = CommLane()
         self._workspaces: dict = {}
+        #: Workspace buffers allocated so far (a new maximum or a reservation; never per call).
+        self.workspace_allocations = 0
         self.heap: Optional[SymmetricHeap] = None
         self.slot_bytes = 0
         self.epoch = 0
-        self.failure: Optional[str] = None
+        #: Graph-safe pull (one slot, a closing barrier): set by `prepare_for_capture`.
+        self.graph_safe = False
         #: The group's communicator is known to exist before a partial batch_isend_irecv (``ring``).
         self.p2p_ready = False
         self._slots: list[torch.Tensor] = []
@@ -150,14 +140,20 @@ class A2AGemmContext:
     def has_heap(self) -> bool:
         return self.heap is not None and not self.heap.closed
 
+    def pull_fits(self, tokens: int, k_local: int, dtype: torch.dtype) -> bool:
+        """Whether this context was made with a heap whose slots hold such an x: a fact every
+        rank shares (what ``auto`` decides from), whatever happened to this rank's heap since."""
+        return self.heap is not None and tokens * k_local * torch.empty((), dtype=dtype).element_size() <= self.slot_bytes
+
     def pull_unavailable(self) -> Optional[str]:
         """None when ``pull`` can run on this context, else why not (the error text)."""
-        if self.failure:
-            return f"the context's symmetric heap was released after an earlier failure ({self.failure})"
         if self.heap is None:
             return _no_heap_message()
         if self.heap.closed:
-            return "the context's symmetric heap is closed"
+            return (
+                "the context's symmetric heap was closed on this rank (A2AGemmContext.close()); every rank of the "
+                "group must stop using pull on it together"
+            )
         return None
 
     def input_buffer(self, tokens: int, k_local: int, dtype: torch.dtype) -> torch.Tensor:
@@ -166,7 +162,7 @@ class A2AGemmContext:
         if reason:
             raise RuntimeError(reason)
         self.check_fits(tokens, k_local, dtype)
-        return self._slot_view(self.epoch % PULL_SLOTS, tokens, k_local, dtype)
+        return self._slot_view(self._next_slot(), tokens, k_local, dtype)
 
     def check_fits(self, tokens: int, k_local: int, dtype: torch.dtype) -> None:
         need = tokens * k_local * torch.empty((), dtype=dtype).element_size()
@@ -176,50 +172,94 @@ class A2AGemmContext:
                 f"{self.slot_bytes} bytes; create the context with max_input_bytes >= {need}"
             )
 
+    def _next_slot(self) -> int:
+        return 0 if self.graph_safe else self.epoch % PULL_SLOTS
+
     def _slot_view(self, slot: int, tokens: int, k_local: int, dtype: torch.dtype) -> torch.Tensor:
         element = torch.empty((), dtype=dtype).element_size()
         return self._slots[slot][: tokens * k_local * element].view(dtype).view(tokens, k_local)
 
-    def stage_pull_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put ``x`` in this call's slot (no copy if it is already there): (slot view, peer table)."""
-        slot = self.epoch % PULL_SLOTS
+    def begin_pull(self) -> int:
+        """A ``pull`` call starts: its slot. The epoch advances here, before anything can fail,
+        so every rank's epoch stays equal even when a call fails on one of them."""
+        slot = self._next_slot()
+        self.epoch += 1
+        return slot
+
+    def stage_pull_input(self, x: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put ``x`` in ``slot`` (no copy if it is already there): (slot view, peer table)."""
         tokens, k_local = x.shape
         view = self._slot_view(slot, tokens, k_local, x.dtype)
         if x.data_ptr() != view.data_ptr() or x.stride() != view.stride():
             view.copy_(x)
         return view, self._slot_tables[slot]
 
-    def finish_pull(self) -> None:
-        self.epoch += 1
-
-    def fail(self, error: BaseException) -> None:
-        """A collective of this context failed (a peer died?): release the heap, refuse pull."""
-        self.failure = f"{type(error).__name__}: {error}"
-        self._slots = []  # views into the heap: drop them so its mappings can go
-        self._slot_tables = []
-        if self.heap is not None:
-            self.heap.close()
-
     # ---- workspaces ------------------------------------------------------------------------
 
     def workspace(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A buffer kept across calls (reallocated only when the shape, dtype or device changes).
+        """A ``shape`` view of the byte buffer ``name``, kept across calls and grown only when a
+        call needs more than any before (or than `reserve` made).
 
-        Reuse is safe on one compute stream; communication into a workspace goes through
-        `CommLane`, whose stream waits for the compute stream before every transfer.
-        """
+        Reuse is safe in stream order: every access to a workspace is on the current stream or
+        in a collective issued on it and waited before the buffer is touched again."""
         shape = tuple(int(d) for d in shape)
-        key = (name, dtype, torch.device(device))
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        buffer = self._buffer(name, nbytes, torch.device(device))
+        return buffer[:nbytes].view(dtype).view(shape)
+
+    def reserve(self, name: str, nbytes: int, device: Optional[torch.device] = None) -> None:
+        """Size workspace ``name`` for at least ``nbytes`` now (outside any graph capture)."""
+        self._buffer(name, int(nbytes), torch.device(device) if device is not None else self.device)
+
+    def _buffer(self, name: str, nbytes: int, device: torch.device) -> torch.Tensor:
+        key = (name, device)
         buffer = self._workspaces.get(key)
-        if buffer is None or tuple(buffer.shape) != shape:
-            buffer = torch.empty(shape, dtype=dtype, device=device)
+        if buffer is None or buffer.numel() < nbytes:
+            if platform.is_capturing():
+                raise RuntimeError(
+                    f"A2AGemmContext: workspace {name!r} must grow to {nbytes} bytes inside a graph capture, where a "
+                    "new buffer would not outlive the graph; size it before capturing (fc2.graphs.prepare_for_capture("
+                    "model, mode, max_tokens=...), or one eager call with the largest token count)"
+                )
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
             self._workspaces[key] = buffer
+            self.workspace_allocations += 1
         return buffer
+
+    # ---- graph capture -------------------------------------------------------------------------
+
+    def prepare_p2p(self) -> None:
+        """Make sure the group's communicator exists before a ``ring`` call's partial point-to-point
+        batch (collective on a device backend; once per context)."""
+        if self.p2p_ready:
+            return
+        self.p2p_ready = True  # before the barrier: the same on every rank even if it fails
+        if platform.device_collective_rules(self.group):
+            if platform.is_capturing():
+                raise RuntimeError(
+                    "ring: the first call on a context issues a barrier (NCCL / HCCL create a communicator at its "
+                    "first operation), which is illegal inside a graph capture; call fc2.graphs.prepare_for_capture"
+                    "(model, mode) (or A2AGemmContext.prepare_for_capture()) on every rank before capturing"
+                )
+            dist.barrier(group=self.group)
+
+    def prepare_for_capture(self) -> None:
+        """One-time work no graph capture may do (collective: every rank of the group, outside any
+        capture): the communicator barrier of ``ring``, and graph-safe ``pull`` from now on (one
+        slot and a closing barrier per call instead of a host counter)."""
+        if platform.is_capturing():
+            raise RuntimeError("A2AGemmContext.prepare_for_capture: called inside a graph capture; call it before")
+        self.prepare_p2p()
+        self.graph_safe = True
 
     # ---- life cycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the heap and workspaces (local; idempotent)."""
+        """Release the heap and workspaces (local; idempotent). Peers may still read this rank's
+        heap until they pass a barrier with it: `fc2.FC2Groups.destroy` makes one first."""
         self._workspaces.clear()
         self._slots = []
         self._slot_tables = []
@@ -233,4 +273,4 @@ class A2AGemmContext:
         self.close()
 
 
-__all__ = ["A2AGemmContext", "CommLane", "HeapUnavailable", "Pending", "PULL_SLOTS", "pull_unavailable"]
+__all__ = ["A2AGemmContext", "HeapUnavailable", "Pending", "PULL_SLOTS", "pull_unavailable"]

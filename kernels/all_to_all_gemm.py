@@ -95,7 +95,7 @@ class _Call:
     rank: int  # r, within the group
     chunk: int  # c = ceil(T / S)
     config: A2AGemmConfig
-    context: Optional[A2AGemmContext] = None  # streams, workspaces, heap (overlapped schedules)
+    context: Optional[A2AGemmContext] = None  # workspaces, heap (overlapped schedules)
     w8a8: Optional[W8A8] = None  # int8 weight: quantize on the send side, int8 GEMM
 
     @property
@@ -210,8 +210,10 @@ def choose_schedule(
     """The schedule ``"auto"`` runs. Same inputs -> same answer on every rank.
 
     Every input is shared by the ranks of the group (T, K_l, N and S are, the device kind is,
-    and ``heap`` -- whether the call passes a context with a symmetric heap -- is, because such
-    a context is created collectively and every rank passes it alike), so every rank picks the
+    and ``heap`` -- whether the call passes a context made with a symmetric heap that holds x
+    (`A2AGemmContext.pull_fits`) -- is, because such a context is created collectively and every
+    rank passes it alike, and it does not depend on what happened to one rank's heap since), so
+    every rank picks the
     same schedule and issues the same collectives. With ``c = ceil(T / S)``:
 
     1. A tuned config's ``schedule`` wins (tables are produced by `python -m autotune`), except
@@ -359,7 +361,12 @@ def all_to_all_gemm(
     _validate_context(context, group)
     tokens, k_local = x.shape
     if schedule == "auto":
-        heap = pull_unavailable(context) is None
+        # Whether the context was made with a heap that holds x: shared by every rank, whatever
+        # happened to one rank's heap since (a rank that closed it raises in _validate_pull).
+        if w8a8 is None:
+            heap = context is not None and context.pull_fits(tokens, k_local, x.dtype)
+        else:  # what goes into the heap is the int8 rows
+            heap = context is not None and context.pull_fits(tokens, w8a8.row_bytes(k_local), INT8)
         schedule = choose_schedule(tokens, k_local, weight.shape[0], size, platform.device_kind(), config, heap=heap)
     if schedule == "pull":
         _validate_pull(context, x, w8a8)

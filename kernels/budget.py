@@ -29,6 +29,13 @@ bf16, every epilogue, multibuffer on and off), where it matches to the byte:
     (``2 x block_m x block_n x 4`` bytes), plus the bias rows when there is a bias. This is why
     128 x 256 tiles with accumulate-into ask for 2097152 bits: 256 KB, not the 160 KB a split
     epilogue would need, and why no 128 x 256 tile can serve `ring` or split-K.
+  - Split-K / stream-K (the kernel's ``SPLIT`` variant, `GemmConfig.splits_k`): the tile leaves
+    L0C twice (to C when a worker covers it whole, to the fp32 partial workspace otherwise), and
+    bishengir then stages it through UB: two full fp32 tiles (+ the bias rows; + 28 bytes per row
+    in fp32), three with accumulate-into. (Measured on 40 configs; where three tiles and the bias
+    rows would not fit, bishengir finds a tighter plan, which the estimate does not model: it
+    refuses those configs, an over-estimate, never an under-estimate.) Hence the kernel compiles
+    the partial store only for configs that split K.
   Multibuffering does not change the UB plan of these kernels.
 - L0A / L0B: the cube's ``mma_tile`` slices K into them by itself; bishengir plans no L0A / L0B
   buffers for these kernels and they never limit a tile here, so they are not modelled.
@@ -88,9 +95,23 @@ class BudgetEstimate:
         ]
 
 
-def ascend_ub_bytes(block_m: int, block_n: int, dtype_bytes: int, *, has_bias: bool, accumulate: bool) -> int:
-    """UB the epilogue of `kernels.tiles.store_tile` needs per vector core (see the module doc)."""
+#: Split-K / stream-K variant, fp32 inputs: bishengir keeps per-row vectors for the masked store of
+#: the partial tile (measured: 28 bytes per row of the tile, none for 16-bit inputs).
+SPLIT_FP32_ROW_BYTES = 28
+
+
+def ascend_ub_bytes(block_m: int, block_n: int, dtype_bytes: int, *, has_bias: bool, accumulate: bool,
+                    split: bool = False) -> int:
+    """UB the epilogue of `kernels.tiles.store_tile` needs per vector core (see the module doc),
+    an upper bound of bishengir's plan for the ``SPLIT`` (split-K / stream-K) variant."""
     bias_rows = block_n * (dtype_bytes + FP32_BYTES if dtype_bytes != FP32_BYTES else FP32_BYTES)
+    tile = block_m * block_n * FP32_BYTES
+    if split:
+        if accumulate:
+            return 3 * tile + (bias_rows if has_bias else 0)
+        if has_bias:
+            return 2 * tile + bias_rows + (SPLIT_FP32_ROW_BYTES * block_m if dtype_bytes == FP32_BYTES else 0)
+        return 2 * tile + (SPLIT_FP32_ROW_BYTES * block_m if dtype_bytes == FP32_BYTES else 0)
     if accumulate:
         return 2 * block_m * block_n * FP32_BYTES + (bias_rows if has_bias else 0)
     if has_bias:
@@ -158,7 +179,8 @@ def estimate(
         usage = {
             "L1": tiles if single else 2 * tiles,
             "L0C": bm * bn * FP32_BYTES,
-            "UB": ascend_ub_bytes(bm, bn, dtype_bytes, has_bias=has_bias, accumulate=accumulate),
+            "UB": ascend_ub_bytes(bm, bn, dtype_bytes, has_bias=has_bias, accumulate=accumulate,
+                                  split=config.splits_k),
         }
         planned = BudgetEstimate("npu", usage, dict(ASCEND_LIMITS))
         return replace(planned, multibuffer_dropped=config.multibuffer and single and planned.fits)

@@ -6,8 +6,9 @@ memory planning included) and CUDA, so a config that cannot be built never reach
 
 A config has two kinds of fields. *Kernel fields* (tile sizes, CUDA warps / stages, Ascend
 multibuffer) select a compiled kernel. *Launch fields* (`LAUNCH_FIELDS`: grid size, split-K,
-stream-K, tile order) only change the integers the host passes to that same kernel, so they
-multiply the search space but not the compiled kernels.
+stream-K, tile order) only change the integers the host passes to that kernel, so they multiply
+the search space but not the compiled kernels -- except that splitting K at all (split-K or
+stream-K) selects the kernel's ``SPLIT`` variant, which also stores partial tiles.
 """
 
 from __future__ import annotations
@@ -91,15 +92,23 @@ class GemmConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def splits_k(self) -> bool:
+        """Split-K or stream-K: the launch compiles the kernel variant that stores partial tiles
+        (``SPLIT``), which needs more UB on Ascend (`kernels.budget`)."""
+        return self.split_k > 1 or self.stream_k
+
     def kernel_config(self) -> "GemmConfig":
-        """This config with its launch fields at their defaults: what selects the compiled kernel."""
-        return dataclasses.replace(self, **LAUNCH_DEFAULTS)
+        """What selects the compiled kernel: launch fields at their defaults, except that a config
+        that splits K keeps a representative split (``split_k=2``: the ``SPLIT`` variant)."""
+        return dataclasses.replace(self, **{**LAUNCH_DEFAULTS, "split_k": 2 if self.splits_k else 1})
 
 
 #: Largest ``split_k`` accepted (a K walk cut finer than this is the stream-K regime).
 MAX_SPLIT_K = 16
 TILE_ORDERS = ("grouped", "diagonal")
-#: Fields that change only the integers a launch passes to the kernel, not the compiled kernel.
+#: Fields that change only the integers a launch passes to the kernel (split-K / stream-K also
+#: choose between the two ``SPLIT`` variants of it: `GemmConfig.kernel_config`).
 LAUNCH_FIELDS = ("num_programs", "split_k", "stream_k", "tile_order")
 LAUNCH_DEFAULTS = {"num_programs": None, "split_k": 1, "stream_k": False, "tile_order": "grouped"}
 

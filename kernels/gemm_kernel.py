@@ -19,10 +19,12 @@ step), fp32 accumulation) is the same for all:
   `kernels.pull_gemm` and multiplied from there, so no remote element crosses the link twice.
 
 Work decomposition (runtime integers, one compiled kernel for all; `plan_decomposition`):
-persistent grid of ``P`` programs (one per core unless ``config.num_programs`` says fewer). Phase
-1: the first ``dp_tiles`` output tiles, ``pid, pid + P, ...``, each a whole K walk. Phase 2 (split-K
-or stream-K): the K iterations of the remaining tiles, laid end to end, are cut into ``sk_workers``
-ranges of ``sk_iters``; worker w (run by program ``w % P``) computes its range. A tile a worker
+persistent grid of ``P`` programs (one per core unless ``config.num_programs`` says fewer), one
+loop over segments (one K-walk call site, so bishengir plans one set of tile buffers). First the
+``dp_tiles`` whole output tiles, ``pid, pid + P, ...``. Then (split-K or stream-K) the K
+iterations of the remaining tiles, laid end to end, are cut into ``sk_workers`` ranges of
+``sk_iters``; a range covers at most two tiles (its parts), and worker w's parts run on program
+``w % P`` when ``dp_tiles`` is a multiple of P and there are P workers (stream-K). A tile a worker
 covers whole is stored directly; a piece of a tile goes to slot ``w * slots_per_worker + (0 for its
 first tile, 1 for its last)`` of an fp32 workspace ``[slots, BLOCK_M, BLOCK_N]``, and
 `gemm_fixup_kernel` then sums each split tile's pieces in worker order (deterministic) and applies
@@ -69,7 +71,7 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     W_FROM_TABLE: tl.constexpr, TMA: tl.constexpr, MASK_MN: tl.constexpr, ASCEND_HINTS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -83,40 +85,43 @@ def gemm_kernel(
     num_tiles = num_pid_m * num_pid_n
     k_steps = tl.cdiv(K_S, BLOCK_K)
     iters = S * k_steps
-    # Phase 1: whole tiles.
-    for tile in range(pid, dp_tiles, num_programs):
-        pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, diagonal, GROUP_M)
-        acc = tile_product(a_ptr, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, 0, iters,
-                           M, N, K_S, S, s_start, k_steps,
-                           stride_as, stride_am, stride_ak, stride_wn, stride_wk, stride_rs, stride_rm,
-                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION, QUANT)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        store_tile(acc, c_ptr, bias_ptr, rm, rn, rm < M, rn < N, stride_cm, stride_cn, HAS_BIAS, ACCUMULATE)
-    # Phase 2: K ranges of the remaining tiles (split-K / stream-K).
     sk_total = (num_tiles - dp_tiles) * iters
-    for worker in range(pid, sk_workers, num_programs):
+    # One loop over segments, one `tile_product` call site: bishengir plans L1 / L0C buffers per
+    # dot site, so a second K loop (a phase of its own for split-K / stream-K) would double the
+    # on-chip memory of every tile. Segment u < dp_tiles is whole tile u (phase 1, programs
+    # pid, pid + P, ...). Segment dp_tiles + j is part j // sk_workers (0: the range's first tile,
+    # 1: the next one, when a range straddles two) of worker j % sk_workers's K range, so program
+    # p runs worker p's range when there are as many workers as programs (stream-K). A range
+    # holds at most two tiles (sk_iters <= iters), empty parts multiply nothing and store nothing.
+    for u in range(pid, dp_tiles + slots_per_worker * sk_workers, num_programs):
+        j = tl.maximum(u - dp_tiles, 0)
+        worker = j % tl.maximum(sk_workers, 1)
+        part = j // tl.maximum(sk_workers, 1)
         start = worker * sk_iters
         end = tl.minimum(start + sk_iters, sk_total)
         first = start // iters
-        for t in range(first, (end - 1) // iters + 1):
-            lo = tl.maximum(start - t * iters, 0)
-            hi = tl.minimum(end - t * iters, iters)
-            pid_m, pid_n = tile_coords(dp_tiles + t, num_pid_m, num_pid_n, diagonal, GROUP_M)
-            acc = tile_product(a_ptr, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, lo, hi,
-                               M, N, K_S, S, s_start, k_steps,
-                               stride_as, stride_am, stride_ak, stride_wn, stride_wk, stride_rs, stride_rm,
-                               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION,
-                               QUANT)
-            # A whole tile is final: stored with the epilogue. A piece goes to the workspace for
-            # the fix-up. Masked stores rather than a branch: with a branch bishengir stages the
-            # fp32 tile through UB and overflows it at 128 x 256.
-            whole = (lo == 0) & (hi == iters)
-            piece = (lo != 0) | (hi != iters)
-            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            store_tile(acc, c_ptr, bias_ptr, rm, rn, (rm < M) & whole, rn < N, stride_cm, stride_cn, HAS_BIAS, ACCUMULATE)
-            slot = worker * slots_per_worker + tl.where(t == first, 0, 1)
+        t = first + part
+        lo = tl.maximum(start - t * iters, 0)
+        hi = tl.minimum(end - t * iters, iters)
+        whole_tile = u < dp_tiles
+        t = tl.where(whole_tile, u - dp_tiles, t)
+        lo = tl.where(whole_tile, 0, lo)
+        hi = tl.where(whole_tile, iters, hi)
+        pid_m, pid_n = tile_coords(dp_tiles + t, num_pid_m, num_pid_n, diagonal, GROUP_M)
+        acc = tile_product(a_ptr, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, lo, hi,
+                           M, N, K_S, S, s_start, k_steps,
+                           stride_as, stride_am, stride_ak, stride_wn, stride_wk, stride_rs, stride_rm,
+                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION, QUANT)
+        # A whole tile is final: stored with the epilogue. A piece goes to the workspace for the
+        # fix-up. Masked stores rather than a branch: with a branch bishengir stages the fp32 tile
+        # through UB and overflows it at 128 x 256.
+        whole = (lo == 0) & (hi == iters)
+        piece = (lo < hi) & ((lo != 0) | (hi != iters))
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        store_tile(acc, c_ptr, bias_ptr, rm, rn, (rm < M) & whole, rn < N, stride_cm, stride_cn, HAS_BIAS, ACCUMULATE)
+        if SPLIT:  # compiled only for split-K / stream-K: a second store of the tile costs UB
+            slot = worker * slots_per_worker + part
             tl.store(partial_ptr + partial_tile_offsets(slot, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N, 0, 0), acc,
                      mask=((tl.arange(0, BLOCK_M) < BLOCK_M) & piece)[:, None])
 
@@ -278,8 +283,8 @@ def check_operands(
         raise TypeError(f"weight: dtype {weight.dtype} differs from {a_name}'s {a.dtype}")
     if weight.device != a.device:
         raise ValueError(f"weight: on {weight.device}, {a_name} on {a.device}; expected the same device")
-    if isinstance(weight, PeerWeight) and weight.device.type == "cpu":
-        address = int(weight.table[weight.entry])  # free to check here; on a device it costs a sync
+    if isinstance(weight, PeerWeight) and not platform.has_streams():
+        address = int(weight.table[weight.entry])  # free to check here; with streams it costs a sync
         if address % 16:
             raise ValueError(f"weight: address {address:#x} is not 16-byte aligned")
     if bias is None:
@@ -381,6 +386,7 @@ def kernel_constexprs(config: GemmConfig, k_s: int, has_bias: bool, accumulate: 
         EVEN_K=k_s % config.block_k == 0,
         HAS_BIAS=has_bias,
         ACCUMULATE=accumulate,
+        SPLIT=config.splits_k,
         # fp32 inputs multiply in full precision (CUDA would otherwise use TF32); 16-bit inputs
         # are exact in either mode.
         INPUT_PRECISION="ieee",
@@ -469,34 +475,41 @@ def launch(
     bias_arg = bias if has_bias else out
     diagonal = int(config.tile_order == "diagonal")
     options = launch_options(config)
+    peer = isinstance(weight, PeerWeight)
     # Float launches get placeholders for the scale operands (QUANT_NONE never reads them).
     col_arg = partial if scales is None else scales.col_scale
     row_arg = partial if row_scale is None else row_scale
     stride_rs, stride_rm = (0, 0) if row_scale is None else row_scale.stride()
-    gemm_kernel[(plan.programs,)](
-        a_arg, w_arg, bias_arg, out, partial, row_arg, col_arg,
-        m, n, k_s, s, s_start % s, weight.entry if isinstance(weight, PeerWeight) else 0,
-        blocks.stride(0), blocks.stride(1), blocks.stride(2),
-        stride_wn, stride_wk,
-        out.stride(0), out.stride(1),
-        stride_rs, stride_rm,
-        plan.dp_tiles, plan.sk_workers, plan.sk_iters, plan.slots_per_worker, diagonal,
-        **kernel_constexprs(config, k_s, has_bias, accumulate, "none" if scales is None else scales.mode),
-        **kernel_switches(target, w_from_table=isinstance(weight, PeerWeight), tma=tma),
-        **options,
-    )
+    # For the stream recorder (a no-op otherwise): what the launch reads and writes.
+    reads = (blocks, weight.table if peer else weight, bias, out if accumulate else None, row_scale,
+             None if scales is None else scales.col_scale)
+    peer_reads = (platform.PeerSpan(weight.table, (weight.entry,), 0, n * k * blocks.element_size()),) if peer else ()
+    with platform.kernel_scope("gemm", reads, (out, partial) if plan.sk_workers else (out,), peer_reads):
+        gemm_kernel[(plan.programs,)](
+            a_arg, w_arg, bias_arg, out, partial, row_arg, col_arg,
+            m, n, k_s, s, s_start % s, weight.entry if peer else 0,
+            blocks.stride(0), blocks.stride(1), blocks.stride(2),
+            stride_wn, stride_wk,
+            out.stride(0), out.stride(1),
+            stride_rs, stride_rm,
+            plan.dp_tiles, plan.sk_workers, plan.sk_iters, plan.slots_per_worker, diagonal,
+            **kernel_constexprs(config, k_s, has_bias, accumulate, "none" if scales is None else scales.mode),
+            **kernel_switches(target, w_from_table=peer, tma=tma),
+            **options,
+        )
     if plan.sk_workers:
         fix = fixup_constexprs(config, has_bias, accumulate)
         tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
         units = (tiles - plan.dp_tiles) * (config.block_m // fix["SUB_M"]) * (config.block_n // fix["SUB_N"])
         iters = s * triton.cdiv(k_s, config.block_k)
-        gemm_fixup_kernel[(min(units, platform.num_programs("vector")),)](
-            partial, bias_arg, out,
-            m, n, plan.dp_tiles, plan.sk_iters, iters, plan.slots_per_worker, diagonal,
-            out.stride(0), out.stride(1),
-            **fix,
-            **({"num_warps": 4} if platform.device_kind() == "cuda" else {}),
-        )
+        with platform.kernel_scope("gemm_fixup", (partial, bias, out), (out,)):
+            gemm_fixup_kernel[(min(units, platform.num_programs("vector")),)](
+                partial, bias_arg, out,
+                m, n, plan.dp_tiles, plan.sk_iters, iters, plan.slots_per_worker, diagonal,
+                out.stride(0), out.stride(1),
+                **fix,
+                **({"num_warps": 4} if platform.device_kind() == "cuda" else {}),
+            )
     return out
 
 

@@ -388,6 +388,7 @@ def budget_estimate(spec: KernelSpec, target: str = "npu"):
     config = GemmConfig(
         block_m=values["BLOCK_M"], block_n=values["BLOCK_N"], block_k=values["BLOCK_K"],
         multibuffer=spec.options.get("multibuffer", True),
+        split_k=2 if values.get("SPLIT") else 1,
         **({"num_warps": spec.options["num_warps"], "num_stages": spec.options["num_stages"]} if target == "cuda" else {}),
     )
     element = _TRITON_ELEMENT_BYTES[operand.lstrip("*")]

@@ -61,7 +61,7 @@ QUANT_NAMES = ("static", "dynamic")
 
 def config_tag(config: GemmConfig) -> str:
     return (f"{config.block_m}x{config.block_n}x{config.block_k}-g{config.group_m}"
-            f"-w{config.num_warps}-s{config.num_stages}")
+            f"-w{config.num_warps}-s{config.num_stages}{'-split' if config.splits_k else ''}")
 
 
 def _compile_options(config: GemmConfig, target: str) -> dict:

@@ -96,7 +96,7 @@ def copy_from_peer(
         raise IndexError(f"entry={entry}: table has {table.numel()} entries")
     if table.device != dst.device:
         raise ValueError(f"table: on {table.device}, dst on {dst.device}; expected the same device")
-    if table.device.type == "cpu" and int(table[entry]) % 16:  # free to check here; on a device it costs a sync
+    if not platform.has_streams() and int(table[entry]) % 16:  # free to check on CPU; on a device it costs a sync
         raise ValueError(f"table[{entry}]={int(table[entry]):#x}: expected a 16-byte aligned address")
     nbytes = dst.numel() * dst.element_size()
     if nbytes == 0:
@@ -109,9 +109,11 @@ def copy_from_peer(
     tiles = triton.cdiv(words.numel(), config.block)
     programs = min(tiles, config.num_programs or platform.num_programs("vector"))
     options = {"num_warps": config.num_warps} if platform.device_kind() == "cuda" else {}
-    peer_copy_kernel[(programs,)](
-        table, entry, words, words.numel(), BLOCK=config.block, EVEN=words.numel() % config.block == 0, **options
-    )
+    span = platform.PeerSpan(table, (entry,), 0, nbytes)
+    with platform.kernel_scope("peer_copy", (table,), (dst,), (span,)):
+        peer_copy_kernel[(programs,)](
+            table, entry, words, words.numel(), BLOCK=config.block, EVEN=words.numel() % config.block == 0, **options
+        )
     return dst
 
 

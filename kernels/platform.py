@@ -127,7 +127,13 @@ def device_name() -> str:
 
 # --------------------------------------------------------------------------------------------
 # Streams and events. On CPU every op is synchronous when it returns, so the fallbacks keep the
-# call sites of the NPU / CUDA paths and do nothing.
+# call sites of the NPU / CUDA paths and do nothing. Under a `kernels.stream_recorder`
+# (`recording`), every call below goes to the recorder instead: a fake device whose streams and
+# events record what a device would have to order (execution itself stays real and synchronous).
+# With no recorder the only cost is the ``_recorder is None`` test.
+
+#: The active `kernels.stream_recorder.StreamRecorder`, or None (set only by `recording`).
+_recorder = None
 
 
 class _CpuStream:
@@ -164,20 +170,32 @@ def _device_module():
     return None
 
 
+def has_streams() -> bool:
+    """Whether work is enqueued on streams and runs asynchronously: NPU, CUDA, or the recording
+    fake device. False on plain CPU, where every op has finished when it returns."""
+    return _recorder is not None or device_kind() != "cpu"
+
+
 def current_stream():
     """The stream kernels are launched on now (a no-op object on CPU)."""
+    if _recorder is not None:
+        return _recorder.current_stream()
     module = _device_module()
     return module.current_stream() if module else _CpuStream()
 
 
 def new_stream():
-    """A new stream, for communication that should overlap compute (a no-op object on CPU)."""
+    """A new stream, for work that should overlap compute (a no-op object on CPU)."""
+    if _recorder is not None:
+        return _recorder.new_stream()
     module = _device_module()
     return module.Stream() if module else _CpuStream()
 
 
 def new_event():
     """An event that can be recorded on one stream and waited on by another."""
+    if _recorder is not None:
+        return _recorder.new_event()
     module = _device_module()
     return module.Event() if module else _CpuEvent()
 
@@ -185,6 +203,10 @@ def new_event():
 @contextlib.contextmanager
 def use_stream(stream) -> Iterator[None]:
     """Make ``stream`` current inside the block (nothing to do on CPU)."""
+    if _recorder is not None:
+        with _recorder.use_stream(stream):
+            yield
+        return
     module = _device_module()
     if module is None:
         yield
@@ -195,9 +217,99 @@ def use_stream(stream) -> Iterator[None]:
 
 def synchronize() -> None:
     """Wait for all work on the current device."""
+    if _recorder is not None:
+        _recorder.synchronize()
+        return
     module = _device_module()
     if module is not None:
         module.synchronize()
+
+
+def is_capturing() -> bool:
+    """Whether the current stream is being captured into a CUDA / NPU graph (no host syncs, no
+    blocking collectives, no new allocations that outlive the graph may happen now)."""
+    if _recorder is not None:
+        return _recorder.capturing
+    kind = device_kind()
+    if kind == "cuda":
+        return bool(torch.cuda.is_current_stream_capturing())
+    if kind == "npu":
+        check = getattr(torch.npu, "is_current_stream_capturing", None)
+        return bool(check()) if check is not None else False
+    return False
+
+
+def device_collective_rules(group=None) -> bool:
+    """Whether ``group``'s collectives follow a device backend's rules (NCCL / HCCL: lazily made
+    communicators, stream-ordered work); the recording fake device emulates them over gloo."""
+    if _recorder is not None:
+        return True
+    import torch.distributed as dist
+
+    return dist.get_backend(group) != "gloo"
+
+
+class _NoScope:
+    """What the recording hooks return with no recorder: an empty ``with`` block."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+_NO_SCOPE = _NoScope()
+
+
+class PeerSpan(tuple):
+    """Bytes a kernel reads from peers' memory: ``[start, end)`` past each address
+    ``table[entry]`` for ``entry`` in ``entries`` (table: an int64 tensor of addresses)."""
+
+    __slots__ = ()
+
+    def __new__(cls, table: torch.Tensor, entries, start: int, end: int):
+        return super().__new__(cls, (table, tuple(entries), int(start), int(end)))
+
+
+def kernel_scope(name: str, reads=(), writes=(), peer_reads=()):
+    """Wrap one Triton launch: names the tensors it reads and writes (``None`` entries are
+    skipped) and the `PeerSpan` ranges it reads through address tables, for the recorder. With
+    no recorder it returns an empty context manager."""
+    if _recorder is None:
+        return _NO_SCOPE
+    return _recorder.kernel(name, reads, writes, peer_reads)
+
+
+def device_barrier_scope(group=None):
+    """Wrap a symmetric heap's barrier: on a device it is stream-ordered (torch symmetric
+    memory's ``barrier`` runs on the current stream), which the recorder models as such."""
+    if _recorder is None:
+        return _NO_SCOPE
+    return _recorder.device_barrier(group)
+
+
+def note_shared_memory(heap) -> None:
+    """A new `kernels.symmetric_heap.SymmetricHeap`: tell the recorder, if any, where its members'
+    bytes are mapped here, so that a peer's bytes have the same name in every process."""
+    if _recorder is not None:
+        _recorder.shared_memory(heap)
+
+
+@contextlib.contextmanager
+def recording(recorder) -> Iterator[None]:
+    """Route the stream / event API, collectives and launches through ``recorder`` (a
+    `kernels.stream_recorder.StreamRecorder`) inside the block."""
+    global _recorder
+    if _recorder is not None:
+        raise RuntimeError("platform.recording: a recorder is already active")
+    if device_kind() != "cpu":
+        raise RuntimeError("platform.recording: the recording fake device runs on CPU only (FC2_DEVICE=cpu)")
+    _recorder = recorder
+    try:
+        yield
+    finally:
+        _recorder = None
 
 
 def _select_interpreter_when_no_device() -> None:

@@ -107,10 +107,16 @@ def gather_rows(
     config = config or default_gather_config(platform.device_kind())
     tiles = s * triton.cdiv(rows, config.block_r) * triton.cdiv(cols, config.block_c)
     options = {"num_warps": config.num_warps} if platform.device_kind() == "cuda" else {}
-    gather_rows_kernel[(min(tiles, platform.num_programs("vector")),)](
-        peers, out, rows, cols, row_start, a_strides[0], a_strides[1], out.stride(0), out.stride(1), s,
-        BLOCK_R=config.block_r, BLOCK_C=config.block_c, EVEN_C=cols % config.block_c == 0, **options,
+    element = out.element_size()
+    span = platform.PeerSpan(  # the peers' bytes the gather reads, for the stream recorder
+        peers, range(s), row_start * a_strides[0] * element,
+        ((row_start + rows - 1) * a_strides[0] + (cols - 1) * a_strides[1] + 1) * element,
     )
+    with platform.kernel_scope("gather_rows", (peers,), (out,), (span,)):
+        gather_rows_kernel[(min(tiles, platform.num_programs("vector")),)](
+            peers, out, rows, cols, row_start, a_strides[0], a_strides[1], out.stride(0), out.stride(1), s,
+            BLOCK_R=config.block_r, BLOCK_C=config.block_c, EVEN_C=cols % config.block_c == 0, **options,
+        )
     return out
 
 
@@ -151,7 +157,7 @@ def pull_gemm(
     stride_am, stride_ak = a_strides
     if (row_start + rows) * stride_am + k_s * stride_ak >= INT32_LIMIT:
         raise ValueError("A: the peer blocks span >= 2**31 elements; the kernel indexes with int32")
-    if peers.device.type == "cpu":  # free to check here; on a device it costs a sync
+    if not platform.has_streams():  # free to check here; with streams it costs a sync
         misaligned = [hex(int(p)) for p in peers if int(p) % 16]
         if misaligned:
             raise ValueError(f"peers: addresses {misaligned} are not 16-byte aligned")

@@ -235,15 +235,18 @@ def quantize_rows(
     placeholder = spec.weight_scale
     blocks = triton.cdiv(tokens, config.block_t)
     options = {"num_warps": 4} if platform.device_kind() == "cuda" else {}
-    quantize_rows_kernel[(min(blocks, platform.num_programs("vector")),)](
-        x, out, scales, positions if positions is not None else placeholder,
-        placeholder if spec.dynamic else spec.input_scale_reciprocal,
-        spec.input_offset if spec.input_offset is not None else placeholder,
-        tokens, k_local, x.stride(0), x.stride(1), out.stride(0), scales.stride(0) if spec.dynamic else 0,
-        BLOCK_T=config.block_t, BLOCK_K=config.block_k, DYNAMIC=spec.dynamic,
-        HAS_OFFSET=spec.input_offset is not None, PERMUTED=positions is not None,
-        EVEN_K=k_local % config.block_k == 0, **options,
-    )
+    # For the stream recorder (a no-op otherwise): what the launch reads and writes.
+    reads = (x, positions, spec.input_scale_reciprocal, spec.input_offset)
+    with platform.kernel_scope("quantize", reads, (out,)):
+        quantize_rows_kernel[(min(blocks, platform.num_programs("vector")),)](
+            x, out, scales, positions if positions is not None else placeholder,
+            placeholder if spec.dynamic else spec.input_scale_reciprocal,
+            spec.input_offset if spec.input_offset is not None else placeholder,
+            tokens, k_local, x.stride(0), x.stride(1), out.stride(0), scales.stride(0) if spec.dynamic else 0,
+            BLOCK_T=config.block_t, BLOCK_K=config.block_k, DYNAMIC=spec.dynamic,
+            HAS_OFFSET=spec.input_offset is not None, PERMUTED=positions is not None,
+            EVEN_K=k_local % config.block_k == 0, **options,
+        )
     return out
 
 

@@ -2,12 +2,17 @@
 
 Each takes one validated call (`kernels.all_to_all_gemm._Call`: x ``[T, K_l]``, the full weight
 ``[N, S*K_l]``, group rank r, chunk ``c = ceil(T/S)``) and returns rows ``[r*c, r*c + c)`` of the
-dense product, zero past T. State (communication stream, workspaces, heap) comes from the call's
-`A2AGemmContext`; without one, ``chunked`` and ``ring`` make a context for the call (on a device
-that means a new stream per call: pass a context to reuse it). Every decision that shapes the
-collectives (sub-chunk count, step order, which transfers are empty) is computed from values
-every rank shares (T, S, K_l, ``config.chunks``), so all ranks issue the same collectives in the
-same order.
+dense product, zero past T. State (workspaces, heap) comes from the call's `A2AGemmContext`;
+without one, ``chunked`` and ``ring`` make a context for the call (workspaces allocated per call:
+pass a context to reuse them). Every decision that shapes the collectives (sub-chunk count, step
+order, which transfers are empty) is computed from values every rank shares (T, S, K_l,
+``config.chunks``), so all ranks issue the same collectives in the same order.
+
+Stream order (proven by `tests/test_stream_order.py` on the recording fake device, with every
+wait shown necessary): transfers are issued with ``async_op=True`` on the current stream (on
+NCCL / HCCL they wait for what is queued there: the packing of their input, the GEMM that last
+read their receive buffer) and each is waited (`kernels.a2a_context.Pending`) before its data is
+used and before its buffers are reused; a call returns with every transfer joined.
 
 - ``chunked``: my chunk's c rows are cut into ``q = ceil(c / ceil(c / chunks))`` sub-chunks (at
   most ``chunks``, at most c, none empty). The all-to-all of sub-chunk i+1 is in flight while the
@@ -20,12 +25,14 @@ same order.
   to ``r + t`` (``batch_isend_irecv``; step t+1's transfer is in flight during step t's GEMM) and
   adds ``block @ W[:, src]^T`` into the accumulator (``gemm(..., accumulate=True)``). One cast at
   the end (none for fp32, which accumulates in the output itself). A step with nothing to send
-  or receive on a rank skips the batch there, so on a device backend the context's first ring
-  call starts with one barrier (`_ensure_communicator`: NCCL's first-batch rule).
+  or receive on a rank skips the batch there, so on a device backend a context's first ring call
+  starts with one barrier (`A2AGemmContext.prepare_p2p`: NCCL's first-batch rule), which a graph
+  capture cannot contain: `A2AGemmContext.prepare_for_capture` makes it beforehand.
 - ``pull``: no all-to-all. x goes into this call's slot of the context's symmetric heap (or is
   already there: `A2AGemmContext.input_buffer`), one barrier says every peer's x is written, and
   the pull GEMM (`kernels.pull_gemm`) loads each A tile from the peer that owns it. See
-  `kernels.a2a_context` for why one barrier and two slots make reuse safe.
+  `kernels.a2a_context` for why one barrier and two slots make reuse safe (and why a graph-safe
+  context uses one slot and a second barrier).
 
 With W8A8 (``call.w8a8``) each schedule moves what `_Call.send_rows` gives (x quantized to packed
 int8 rows; ``pull`` quantizes straight into its heap slot) and multiplies through
@@ -34,13 +41,12 @@ int8 rows; ``pull`` quantizes straight into its heap slot) and multiplies throug
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 
-from .a2a_context import A2AGemmContext
+from .a2a_context import A2AGemmContext, Pending
 from .pull_gemm import gather_rows, pull_gemm
 
 if TYPE_CHECKING:  # the registry lives in all_to_all_gemm, which imports this module
@@ -57,36 +63,18 @@ def _global_rank(group: Optional[dist.ProcessGroup], group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
-def _ensure_communicator(context: A2AGemmContext, group: Optional[dist.ProcessGroup]) -> None:
-    """Before a context's first ``ring``: on a device backend, one barrier on the group.
-
-    NCCL (and HCCL) create a group's communicator lazily, at its first operation, and when that
-    first operation is a ``batch_isend_irecv`` every rank of the group must take part in it (the
-    ``torch.distributed.batch_isend_irecv`` documentation). ``ring`` skips the batch on a rank
-    with no transfer in a step (uneven T), so a barrier first makes the communicator exist. Gloo
-    has no such rule. Every rank runs the same schedules on a context in the same order, so every
-    rank reaches this barrier at the same call. Unverified on NCCL / HCCL (no device here)."""
-    if context.p2p_ready:
-        return
-    if dist.get_backend(group) != "gloo":
-        dist.barrier(group=group)
-    context.p2p_ready = True
-
-
-def _releases_heap_on_error(schedule: Callable[["_Call"], torch.Tensor]) -> Callable[["_Call"], torch.Tensor]:
-    """A failure inside a schedule is a failed collective (input was validated before): the
-    peers may be gone, so the context's heap is released and later ``pull`` calls refuse."""
-
-    @functools.wraps(schedule)
-    def run(call: "_Call") -> torch.Tensor:
-        try:
-            return schedule(call)
-        except BaseException as error:
-            if call.context is not None and call.context.heap is not None:
-                call.context.fail(error)
-            raise
-
-    return run
+def reserve_workspaces(
+    context: A2AGemmContext, size: int, tokens: int, k_local: int, n: int, dtype: torch.dtype
+) -> None:
+    """Size ``context``'s ``chunked`` and ``ring`` workspaces for calls of up to ``tokens``
+    tokens (group size ``size``, x ``[T, k_local]``, N = ``n``), so that no later call allocates."""
+    chunk = -(-tokens // size)
+    element = torch.empty((), dtype=dtype).element_size()
+    for b in range(2):
+        context.reserve(f"chunked.recv{b}", size * chunk * k_local * element)
+        context.reserve(f"chunked.send{b}", size * chunk * k_local * element)
+        context.reserve(f"ring.recv{b}", chunk * k_local * element)
+    context.reserve("ring.acc", chunk * n * 4)
 
 
 def _local_only(call: "_Call", out: torch.Tensor) -> torch.Tensor:
@@ -97,7 +85,6 @@ def _local_only(call: "_Call", out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@_releases_heap_on_error
 def chunked(call: "_Call") -> torch.Tensor:
     out = call.new_output()
     size, rank, chunk = call.size, call.rank, call.chunk
@@ -117,20 +104,22 @@ def chunked(call: "_Call") -> torch.Tensor:
         """Rows of sub-chunk i of token chunk p (0 past the end of T)."""
         return max(0, min(sub, call.rows(p) - i * sub))
 
-    def issue(i: int) -> Callable[[], list]:
+    def issue(i: int) -> Pending:
         # Pack sub-chunk i's S pieces (row slices of x) into one send buffer: all_to_all_single
         # needs one contiguous input, and gloo's list all_to_all needs equal sizes. The buffer
-        # packed here was last read by transfer i-2, which the compute stream has waited for.
+        # packed here was last read by transfer i-2, which the current stream has waited for.
+        # Sub-chunk i has rows in chunk 0 (the longest one), so every rank sends something.
         pieces = [piece(p, i) for p in range(size)]
         mine = pieces[rank]
         packed = send[i % 2][: sum(pieces)]
         torch.cat([x[p * chunk + i * sub : p * chunk + i * sub + pieces[p]] for p in range(size)], out=packed)
         received = receive[i % 2][: size * mine]
-        return lambda: [dist.all_to_all_single(received, packed, [mine] * size, pieces, group=call.group, async_op=True)]
+        work = dist.all_to_all_single(received, packed, [mine] * size, pieces, group=call.group, async_op=True)
+        return Pending((work,))
 
-    pending = context.lane.start(issue(0))
+    pending = issue(0)
     for i in range(count):
-        following = context.lane.start(issue(i + 1)) if i + 1 < count else None
+        following = issue(i + 1) if i + 1 < count else None
         pending.wait()
         mine = piece(rank, i)
         if mine:
@@ -140,7 +129,6 @@ def chunked(call: "_Call") -> torch.Tensor:
     return out
 
 
-@_releases_heap_on_error
 def ring(call: "_Call") -> torch.Tensor:
     out = call.new_output()
     size, rank, chunk = call.size, call.rank, call.chunk
@@ -152,7 +140,7 @@ def ring(call: "_Call") -> torch.Tensor:
     k_local = call.x.shape[1]
     m = call.rows(rank)
     context = _context_for(call)
-    _ensure_communicator(context, call.group)
+    context.prepare_p2p()
     weight = call.weight
     if call.x.dtype == torch.float32:
         acc = out[:m]  # accumulate in the output itself: nothing to cast
@@ -160,7 +148,8 @@ def ring(call: "_Call") -> torch.Tensor:
         acc = context.workspace("ring.acc", (m, weight.shape[0]), torch.float32, x.device)
     buffers = [context.workspace(f"ring.recv{b}", (m, x.shape[1]), x.dtype, x.device) for b in range(2)]
 
-    def issue(step: int) -> Callable[[], list]:
+    def issue(step: int) -> Pending:
+        # Step t's receive buffer was last read by step t-2's GEMM, already queued.
         destination, source = (rank + step) % size, (rank - step) % size
         ops = []
         sending = call.rows(destination)  # the destination's rows of my heads
@@ -169,16 +158,16 @@ def ring(call: "_Call") -> torch.Tensor:
             ops.append(dist.P2POp(dist.isend, block, _global_rank(call.group, destination), call.group))
         if m:
             ops.append(dist.P2POp(dist.irecv, buffers[step % 2], _global_rank(call.group, source), call.group))
-        return lambda: dist.batch_isend_irecv(ops) if ops else []
+        return Pending(tuple(dist.batch_isend_irecv(ops))) if ops else Pending()
 
     def block_weight(source: int) -> torch.Tensor:
         return weight[:, source * k_local : (source + 1) * k_local]
 
-    pending = context.lane.start(issue(1))
+    pending = issue(1)
     if m:  # step 0: my own heads, no communication
         call.multiply(x[rank * chunk : rank * chunk + m], block_weight(rank), call.bias, acc)
     for step in range(1, size):
-        following = context.lane.start(issue(step + 1)) if step + 1 < size else None
+        following = issue(step + 1) if step + 1 < size else None
         pending.wait()
         if m:
             call.multiply(buffers[step % 2], block_weight((rank - step) % size), None, acc, accumulate=True)
@@ -188,16 +177,16 @@ def ring(call: "_Call") -> torch.Tensor:
     return out
 
 
-@_releases_heap_on_error
 def pull(call: "_Call") -> torch.Tensor:
     context = call.context  # all_to_all_gemm checked it has a heap that fits, before any collective
     out = call.new_output()
     if call.chunk == 0:
         return out
     x = call.x
-    if call.w8a8 is not None:  # quantized straight into this call's heap slot
+    if call.w8a8 is not None:  # quantized straight into the slot this call reads (the next pull's)
         x = call.send_rows(out=context.input_buffer(call.tokens, call.row_width, call.wire_dtype))
-    view, peers = context.stage_pull_input(x)
+    slot = context.begin_pull()
+    view, peers = context.stage_pull_input(x, slot)
     context.heap.barrier()  # every peer's x for this call is in its slot
     m = call.rows(call.rank)
     if m and call.w8a8 is None:
@@ -208,7 +197,8 @@ def pull(call: "_Call") -> torch.Tensor:
     elif m:  # the peers' int8 rows (scales in their tails) gathered once, then the int8 GEMM
         staged = gather_rows(peers, view.stride(), call.rank * call.chunk, m, call.row_width, call.wire_dtype)
         call.multiply(staged, call.weight, call.bias, out[:m], s_start=call.rank)
-    context.finish_pull()
+    if context.graph_safe:
+        context.heap.barrier()  # one slot: no peer writes it again before every peer has read it
     return out
 
 

@@ -43,6 +43,7 @@ import os
 import secrets
 import socket
 import threading
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -122,6 +123,10 @@ class SymmetricHeap:
         self._backend = _PosixShm(self) if self.kind == "cpu" else _TorchSymmetricMemory(self)
         self.local: torch.Tensor = self._backend.local
         self.bases = torch.tensor(self._backend.bases, dtype=torch.int64, device=self.device)
+        #: The same on every member: names this heap's bytes alike in every process (recorder).
+        self.name = self._backend.name
+        _open_heaps.add(self)
+        platform.note_shared_memory(self)
 
     # ---- allocation ---------------------------------------------------------------------
 
@@ -172,9 +177,13 @@ class SymmetricHeap:
     # ---- synchronisation and life cycle -----------------------------------------------
 
     def barrier(self) -> None:
-        """Every peer has reached this point and its earlier writes to its heap are visible."""
+        """Every peer has reached this point and its earlier writes to its heap are visible.
+
+        Stream-ordered on a device (work on the current stream after it runs once every peer's
+        current stream reached it); the host does not wait."""
         self._check_open()
-        self._backend.barrier()
+        with platform.device_barrier_scope(self.group):
+            self._backend.barrier()
 
     @property
     def closed(self) -> bool:
@@ -198,6 +207,15 @@ class SymmetricHeap:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("SymmetricHeap: used after close()")
+
+
+#: Heaps not closed yet (a recorder started later learns their address ranges from here).
+_open_heaps: "weakref.WeakSet[SymmetricHeap]" = weakref.WeakSet()
+
+
+def open_heaps() -> list:
+    """The symmetric heaps of this process that are not closed."""
+    return [heap for heap in list(_open_heaps) if not heap.closed]
 
 
 def _kind_of(device: torch.device) -> str:
@@ -285,6 +303,7 @@ class _PosixShm:
         if len(hosts) > 1:
             raise HeapUnavailable(f"POSIX shared memory spans one host; the group is on {hosts}")
         token = peers[0][3]
+        self.name = f"posix-{token}"
         paths = [os.path.join(SHM_DIR, f"{NAME_PREFIX}{token}-r{p}-p{peers[p][2]}") for p in range(heap.size)]
         try:
             error = None
@@ -359,6 +378,10 @@ class _PosixShm:
 # ---- CUDA / NPU: torch symmetric memory -------------------------------------------------------
 
 
+#: Torch symmetric-memory heaps made so far per group name (a heap's name on every member).
+_heaps_made: dict = {}
+
+
 class _TorchSymmetricMemory:
     def __init__(self, heap: SymmetricHeap):
         import torch.distributed._symmetric_memory as symm_mem
@@ -381,6 +404,10 @@ class _TorchSymmetricMemory:
         if failed:
             raise HeapUnavailable(f"torch symmetric memory on {heap.kind} failed: " + "; ".join(failed))
         self.bases = [int(p) for p in self.handle.buffer_ptrs]
+        # Heaps of a group are made collectively, in one order on every member: count them.
+        index = _heaps_made.get(group.group_name, 0)
+        _heaps_made[group.group_name] = index + 1
+        self.name = f"symm-{group.group_name}-{index}"
 
     def barrier(self) -> None:
         self.handle.barrier(channel=0)

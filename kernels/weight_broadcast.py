@@ -9,17 +9,22 @@ data movement; the schedule (which layer, when, in which window) is `fc2.shared_
 - `WindowRing`: exactly ``count`` full-layer buffers, allocated once; fetches go into them in
   turn.
 - `BroadcastTransport`: an asynchronous ``broadcast`` from the owner's storage into every other
-  member's window, issued on a communication stream (a collective: every member takes part, in
-  the same order). The consumer waits on the work handle; on NPU / CUDA that makes its compute
-  stream wait, the host does not block; on CPU (gloo) ``wait`` blocks.
+  member's window (a collective: every member takes part, in the same order), issued on the
+  current stream: on NCCL / HCCL it runs on the backend's stream once what is queued on the
+  current stream (the GEMM that last read the window) is done, and ``Fetch.wait`` makes the
+  current stream wait for it (the host does not block); on CPU (gloo) ``wait`` blocks.
 - `HeapTransport`: owners keep their layers in a `kernels.symmetric_heap` (every peer maps it); a
   consumer fills its window with `kernels.peer_copy` (a Triton kernel that reads the owner's
-  memory through an int64 table of addresses), on the communication stream, and the compute
-  stream waits on an event. No collective per layer: the weights do not change after setup, so a consumer may read
-  them at any time. It can also hand out a `PeerWeight` so that the GEMM reads W tiles straight
-  from the owner (`kernels.peer_weight_gemm`), with no window at all.
+  memory through an int64 table of addresses) on a stream of its own, which first waits for the
+  compute stream when the window's last reader may still be queued there (``fork``), and the
+  compute stream waits on an event recorded after the copy. No collective per layer: the weights
+  do not change after setup, so a consumer may read them at any time. It can also hand out a
+  `PeerWeight` so that the GEMM reads W tiles straight from the owner
+  (`kernels.peer_weight_gemm`), with no window at all.
 
-Every transport returns a `Fetch` per transfer: ``wait()`` before the weight is used.
+Every transport returns a `Fetch` per transfer: ``wait()`` before the weight is used (every
+member, the sending one too: so that each transfer is joined into the stream that uses the
+layer, which a graph capture requires and the sender's buffers' reuse needs).
 """
 
 from __future__ import annotations
@@ -100,17 +105,15 @@ class WindowRing:
 class Fetch:
     """One transfer in flight. ``wait()`` makes the current stream (CPU: the host) wait for it.
 
-    ``work``: a torch.distributed work handle; ``event``: an event recorded on the
-    communication stream after the transfer. ``consumer``: False on the rank that sends (its own
-    compute does not depend on the transfer, so on a device it does not wait for it).
+    ``work``: a torch.distributed work handle; ``event``: an event recorded on the copy stream
+    after the transfer.
     """
 
-    __slots__ = ("work", "event", "consumer", "_done")
+    __slots__ = ("work", "event", "_done")
 
-    def __init__(self, work=None, event=None, consumer: bool = True) -> None:
+    def __init__(self, work=None, event=None) -> None:
         self.work = work
         self.event = event
-        self.consumer = consumer
         self._done = work is None and event is None
 
     @property
@@ -120,18 +123,19 @@ class Fetch:
     def wait(self) -> None:
         if self._done:
             return
-        if self.work is not None and (self.consumer or platform.device_kind() == "cpu"):
+        if self.work is not None:
             self.work.wait()
         if self.event is not None:
             platform.current_stream().wait_event(self.event)
         self._done = True
 
-    def drain(self) -> None:
-        """Wait for completion even on the sending rank (before tearing the transport down)."""
-        if self.work is not None:
+    def abandon(self) -> None:
+        """The transfer's result will not be used (a mode switch, teardown): only make sure its
+        buffers are not reused under it. A collective's work is waited on the current stream; a
+        copy needs nothing here (later copies into the window run after it on the same stream;
+        `HeapTransport.synchronize` waits for all of them before teardown)."""
+        if self.work is not None and not self._done:
             self.work.wait()
-        if self.event is not None:
-            self.event.synchronize()
         self._done = True
 
 
@@ -153,14 +157,6 @@ class _Transport:
         self.ownership = ownership
         self.spec: Optional[LayerSpec] = None
         self.owned: dict[int, torch.Tensor] = {}
-        self._stream = None
-
-    def _comm_stream(self):
-        if self._stream is None:
-            self._stream = platform.new_stream()
-        # The window being filled was last read by compute already queued on the current stream.
-        self._stream.wait_stream(platform.current_stream())
-        return self._stream
 
     @property
     def owned_bytes(self) -> int:
@@ -169,8 +165,17 @@ class _Transport:
     def setup(self, spec: LayerSpec, owned: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         raise NotImplementedError
 
-    def fetch(self, position: int, window: Optional[torch.Tensor]) -> Fetch:
+    def fetch(self, position: int, window: Optional[torch.Tensor], fork: bool = True) -> Fetch:
+        """Start moving layer ``position`` into ``window`` (None on its owner). ``fork``: the
+        window's last reader may still be queued on the current stream (a transport that copies
+        on a stream of its own must wait for it; one whose transfer follows the current stream
+        anyway ignores it)."""
         raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Before teardown, after every fetch in flight was waited or abandoned: the host waits
+        for whatever of this transport's own still runs (nothing for collectives, whose works the
+        current stream has waited)."""
 
     def peer_weight(self, position: int) -> PeerWeight:
         raise ValueError(f"transport {self.name!r} cannot read weights in place; use transport='heap'")
@@ -197,13 +202,11 @@ class BroadcastTransport(_Transport):
         self.owned = {q: w.contiguous() for q, w in owned.items()}
         return dict(self.owned)
 
-    def fetch(self, position: int, window: Optional[torch.Tensor]) -> Fetch:
+    def fetch(self, position: int, window: Optional[torch.Tensor], fork: bool = True) -> Fetch:
         owner = self.ownership.owner(position)
-        is_owner = owner == self.rank
-        tensor = self.owned[position] if is_owner else window
-        with platform.use_stream(self._comm_stream()):
-            work = dist.broadcast(tensor, src=self.members[owner], group=self.group, async_op=True)
-        return Fetch(work=work, consumer=not is_owner)
+        tensor = self.owned[position] if owner == self.rank else window
+        # On the current stream: the backend's stream waits for the window's last reader there.
+        return Fetch(work=dist.broadcast(tensor, src=self.members[owner], group=self.group, async_op=True))
 
 
 class HeapTransport(_Transport):
@@ -221,6 +224,7 @@ class HeapTransport(_Transport):
         super().__init__(group, members, ownership)
         self.heap = None
         self.table: Optional[torch.Tensor] = None
+        self._stream = None  # where consumers copy (made at the first copy)
 
     @property
     def owned_bytes(self) -> int:
@@ -248,24 +252,42 @@ class HeapTransport(_Transport):
             # Peers read an owner's layers from now on: they must all be written first.
             self.heap.barrier()
         except BaseException:
-            self.close()
+            self._release()
             raise
         return dict(self.owned)
 
-    def fetch(self, position: int, window: Optional[torch.Tensor]) -> Fetch:
+    def fetch(self, position: int, window: Optional[torch.Tensor], fork: bool = True) -> Fetch:
         if self.ownership.owner(position) == self.rank:
             return Fetch()
-        stream = self._comm_stream()
+        if self._stream is None:
+            self._stream = platform.new_stream()
+        if fork:  # the window's last reader is queued on the current stream
+            self._stream.wait_stream(platform.current_stream())
         event = platform.new_event()
-        with platform.use_stream(stream):
+        with platform.use_stream(self._stream):
             copy_from_peer(window, self.table, position)
-            event.record(stream)
+            event.record(self._stream)
         return Fetch(event=event)
+
+    def synchronize(self) -> None:
+        if self._stream is not None:  # every copy (each one's event came after it on this stream)
+            self._stream.synchronize()
 
     def peer_weight(self, position: int) -> PeerWeight:
         return PeerWeight(self.table, position, tuple(self.spec.shape), self.spec.dtype, self.ownership.owner(position))
 
     def close(self) -> None:
+        """Collective (every member): a peer may still copy from this rank's heap until every
+        member has drained its copies, so the heap goes only after a barrier. If the barrier fails
+        (a member died), nobody alive is reading any more and the heap is released anyway."""
+        if self.heap is not None and not self.heap.closed:
+            try:
+                dist.barrier(group=self.group)
+            except RuntimeError:
+                pass
+        self._release()
+
+    def _release(self) -> None:
         super().close()
         self.table = None
         if self.heap is not None:

@@ -66,8 +66,18 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, env: dict) ->
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if os.environ.get("FC2_STRICT_PLACEMENT") == "1":  # before any collective (kernels.placement_check)
+        from kernels import placement_check
+
+        placement_check.install()
+    # gloo (CPU; also several ranks sharing one GPU); FC2_TEST_BACKEND=nccl / hccl: one device per rank.
+    backend = os.environ.get("FC2_TEST_BACKEND", "gloo")
+    if backend != "gloo":
+        from kernels import platform
+
+        getattr(torch, platform.device_kind()).set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,

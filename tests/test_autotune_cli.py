@@ -103,7 +103,8 @@ def test_cli_end_to_end_two_ranks(tmp_path, monkeypatch, pools):
         entry = table.entries[tokens]
         assert entry.raw_config == best.user_attrs["config"]
         assert entry.measured["ms"] == best.value and entry.measured["interpreted"] is True
-        assert "max over 2 rank(s) of the median of 2 timed runs" in entry.measured["statistic"]
+        assert "max over 2 rank(s) of the per-rank median of 2 samples" in entry.measured["statistic"]
+        assert entry.measured["timing"]["method"] == "host" and entry.measured["timing"]["samples"] == 2
     report = (out / "tables" / "report.md").read_text()
     assert "interpreter" in report and "vs reference" in report and tables[0].name in report
     assert len(list((out / "tables").glob("*.history.png"))) == 2

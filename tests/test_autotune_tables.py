@@ -180,6 +180,30 @@ def test_flashcomm2_module_loads_its_table_at_construction(tmp_path):
     module = fc2.FlashComm2OProj(32, 24, params_dtype=torch.float32, config=fc2.FC2Config(tables_dir=str(tmp_path)))
     assert module._plan(3).a2a.gemm.block_n == 16
     path.write_text("[]")
+    # Mid-run the file is not read again: a module built now runs on the contents read before.
+    again = fc2.FlashComm2OProj(32, 24, params_dtype=torch.float32, config=fc2.FC2Config(tables_dir=str(tmp_path)))
+    assert again._plan(5).a2a.gemm.block_n == module._plan(7).a2a.gemm.block_n == 16
+    tt.CACHE.clear()  # a new run reads the directory again
     with pytest.raises(tt.TunedTableError, match="expected a JSON object") as caught:
         fc2.FlashComm2OProj(32, 24, params_dtype=torch.float32, config=fc2.FC2Config(tables_dir=str(tmp_path)))
     assert str(path) in str(caught.value)
+    tt.CACHE.clear()
+
+
+def test_directory_is_read_once_per_run(tmp_path):
+    """A table written, changed or removed after the first lookup changes nothing in this run."""
+    cache = tt.TableCache()
+    look = lambda: tt.lookup_a2a_gemm_config(3, 64, 32, 2, torch.bfloat16, directory=tmp_path, device_name="cpu",
+                                             cache=cache)
+    assert look() is None  # no table yet: heuristics, for the whole run
+    path = tt.write_table(tmp_path, "all_to_all_gemm", SHAPE, "cpu", {1: _entry(16)}, device_kind="cpu")
+    assert look() is None
+    cache.clear()
+    assert look().gemm.block_n == 16
+    tt.write_table(tmp_path, "all_to_all_gemm", SHAPE, "cpu", {1: _entry(64)}, device_kind="cpu", merge=False)
+    assert look().gemm.block_n == 16
+    path.unlink()
+    assert look().gemm.block_n == 16
+    other = tt.TableCache()
+    assert tt.lookup_a2a_gemm_config(3, 64, 32, 2, torch.bfloat16, directory=tmp_path, device_name="cpu",
+                                     cache=other) is None

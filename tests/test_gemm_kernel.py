@@ -225,8 +225,11 @@ def test_launch_fields_are_validated(fields, text):
 
 
 def test_kernel_config_drops_only_launch_fields():
-    config = GemmConfig(block_m=32, num_warps=8, num_programs=7, split_k=2, tile_order="diagonal")
+    config = GemmConfig(block_m=32, num_warps=8, num_programs=7, split_k=1, tile_order="diagonal")
     assert config.kernel_config() == GemmConfig(block_m=32, num_warps=8)
+    # splitting K at all selects the SPLIT variant: one representative per split / not split
+    for split in (GemmConfig(block_m=32, split_k=4), GemmConfig(block_m=32, stream_k=True)):
+        assert split.kernel_config() == GemmConfig(block_m=32, split_k=2)
 
 
 def test_pull_cost_model_counts_link_bytes():

@@ -143,10 +143,10 @@ def _pull_with_slow_ranks(calls):
     stage, launch = a2a_context.A2AGemmContext.stage_pull_input, schedules.pull_gemm
     current = [0]
 
-    def slow_stage(self, x):
+    def slow_stage(self, x, slot):
         if rank == 1 and current[0] % 2 == 0:
             time.sleep(0.2)
-        return stage(self, x)
+        return stage(self, x, slot)
 
     def slow_launch(*args, **kwargs):
         if rank == 0 and current[0] % 2 == 1:
