@@ -3,6 +3,8 @@
 - `FC2Config` (``fc2.config``): otp size, o_shared, prefetch step, output layout; ``from_env()``.
 - `build_groups` / `FC2Groups` / `memberships` (``fc2.groups``): TP, OTP, ODP and sharing groups.
 - `FlashComm2OProj` (``fc2.oproj``): the drop-in for ``RowParallelLinear`` as ``o_proj``.
+- ``fc2.quant``: which quantized o_proj it takes (`classify` an engine's layer -> a `W8A8Spec` for
+  ``FlashComm2OProj(quant=...)``, or a skip reason naming the scheme).
 - ``fc2.memory``: W_o bytes per rank in each mode.
 - ``fc2.vllm.patch_model`` and the vLLM general plugin; ``fc2.hf.patch_model`` (imported on use:
   neither vLLM nor transformers is needed to import this package).

@@ -8,7 +8,10 @@ subclass) by its ``quant_method`` (and, for compressed-tensors, its ``scheme``) 
   parameters under the same names as that scheme and loads checkpoint tensors through its
   ``weight_loader``;
 - a skip reason naming the scheme (FP8 per-tensor or block-wise, W4A8, W8A16, ...): keep the
-  original module, log the reason once.
+  original module, log the reason once (`log_skip`).
+
+`module_arguments(linear)` gives the `FlashComm2OProj` keyword arguments that carry it
+(``quant=``, and ``params_dtype=`` the model dtype: a W8A8 layer's weight is int8).
 
 Recognised by class name and parameters, never by import, since vllm-ascend imports torch_npu and
 does not import off an NPU. The schemes (their definitions are the contract):
@@ -193,6 +196,21 @@ def classify(linear: Any) -> QuantDecision:
                              scheme=name)
     return QuantDecision(skip_reason=f"{name}: quantization method not supported by FlashComm2 "
                                      "(int8 W8A8 of vllm-ascend or compressed-tensors is)", scheme=name)
+
+
+def module_arguments(linear: Any, decision: Optional[QuantDecision] = None) -> dict:
+    """The `FlashComm2OProj` keyword arguments that carry ``linear``'s quantization: ``quant`` (the
+    `W8A8Spec`, or None) and ``params_dtype`` -- the model dtype (vLLM's ``linear.params_dtype``),
+    not the weight's, which is int8 for W8A8. Raises ``ValueError`` with the skip reason for a
+    scheme FlashComm2 does not take (check `classify` first to keep such a module)."""
+    decision = classify(linear) if decision is None else decision
+    if decision.skip_reason:
+        raise ValueError(decision.skip_reason)
+    dtype = getattr(linear, "params_dtype", None)
+    if dtype is None:
+        weight = _param(linear, "weight")
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.get_default_dtype()
+    return {"quant": decision.spec, "params_dtype": dtype}
 
 
 def log_skip(prefix: str, decision: QuantDecision) -> None:

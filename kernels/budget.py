@@ -41,19 +41,17 @@ bf16, every epilogue, multibuffer on and off), where it matches to the byte:
   buffers for these kernels and they never limit a tile here, so they are not modelled.
 
 **int8 (W8A8) on Ascend** (``dtype_bytes=1``, the kernel's ``QUANT`` switch), read the same way
-from bishengir over 640 int8 configs (tiles 16..256 x 64..512 x 256..1024, both modes, every
-epilogue, bf16 / fp16 / fp32 output, multibuffer on and off), where it is planned differently:
+from bishengir over 880 int8 configs (tiles 16..256 x 64..512 x 256..1024, both modes, every
+epilogue, bf16 and fp32 output, multibuffer on and off, with and without the ``SPLIT`` variant):
 
-- L1: bishengir keeps two copies of each int8 tile even single-buffered, four with multibuffer
-  (capped at L1: it multibuffers what fits); when two copies overflow, it drops multibuffering
-  and keeps the A tile twice and W once (``tiles + block_m x block_k``), else the config fails.
-- L0C: the int32 accumulator twice (ping-pong) when that fits in L0C, else once.
-- UB: a first plan whose size is exact (`INT8_UB`'s "wide" formulas in tile elements t =
-  block_m x block_n, block_n and block_m: the dequant epilogue, the dynamic mode's row scales and
-  its fp32 accumulator); when that overflows, bishengir re-plans narrower by itself (the sizes of
-  those plans are not a formula: they are reported here as the whole UB), and it rejects the
-  config only when its narrowest plan, the size its "ub overflow" message names ("narrow",
-  exact), overflows too. Multibuffer does not change the UB plan; neither does the K step.
+- L1 and L0C as above: the int8 A and W tiles (one byte each; twice with multibuffer, once when
+  bishengir drops it), the int32 accumulator ``block_m x block_n x 4`` in L0C.
+- UB: the int32 tile's dequantization (and, dynamic, the per-source-block fp32 accumulator and
+  row scales) runs on the vector cores. bishengir's first plan is exact in tile elements
+  ``t = block_m x block_n``, ``block_n`` and ``block_m`` (`INT8_UB`'s "wide" formulas); when it
+  overflows, bishengir re-plans narrower by itself (those plans are reported here as the whole UB,
+  an upper bound), and rejects the config only when its narrowest plan -- the size its "ub
+  overflow" message names ("narrow") -- overflows too.
 
 CUDA model: ``num_stages`` copies of the A and W tiles in shared memory (the software pipeline),
 against the 227 KB a Hopper block can opt in to; the real figure comes from `lowering`.
@@ -119,17 +117,30 @@ def ascend_ub_bytes(block_m: int, block_n: int, dtype_bytes: int, *, has_bias: b
     return 0
 
 
-#: int8 UB plans of bishengir per (quant mode, bias, accumulate-into): (wide, narrow) as functions of
-#: (t = block_m * block_n, block_n, block_m, fp32 output). See the module docstring.
+#: int8 UB plans of bishengir per (quant mode, bias, accumulate-into, SPLIT variant): (wide, narrow),
+#: functions of (t = block_m * block_n, block_n, block_m, fp32 output) in bytes. The bias rows cost
+#: 10 bytes per column with a 16-bit output (8 with fp32); the dynamic mode 32 (64 with a second
+#: tile in UB) bytes per row of the tile. See the module docstring.
 INT8_UB = {
-    ("static", False, False): (lambda t, n, m, f32: (4 if f32 else 5) * t + 8 * n, lambda t, n: (5 * t + 8 * n)),
-    ("static", True, False): (lambda t, n, m, f32: 6 * t + (16 if f32 else 20) * n, lambda t, n: 4 * t + 16 * n),
-    ("static", False, True): (lambda t, n, m, f32: 16 * t + 8 * n, lambda t, n: 8 * t + 8 * n),
-    ("static", True, True): (lambda t, n, m, f32: 20 * t + (16 if f32 else 20) * n, lambda t, n: 12 * t),
-    ("dynamic", False, False): (lambda t, n, m, f32: (14 if f32 else 15) * t + 8 * n + 64 * m, lambda t, n: 7 * t + 4 * n),
-    ("dynamic", True, False): (lambda t, n, m, f32: 16 * t + (16 if f32 else 20) * n + 64 * m, lambda t, n: 8 * t + 4 * n),
-    ("dynamic", False, True): (lambda t, n, m, f32: 36 * t + 8 * n + 128 * m, lambda t, n: 16 * t + 4 * n),
-    ("dynamic", True, True): (lambda t, n, m, f32: 40 * t + (16 if f32 else 20) * n + 128 * m, lambda t, n: 16 * t + 4 * n),
+    ("static", False, False, False): (lambda t, n, m, f: 2 * t + 4 * n, lambda t, n, m: 2 * t + 4 * n),
+    ("static", False, False, True): (lambda t, n, m, f: (2 if f else 3) * t + 4 * n, lambda t, n, m: 2 * t + 4 * n),
+    ("static", True, False, False): (lambda t, n, m, f: 2 * t + (8 if f else 10) * n, lambda t, n, m: 2 * t + 8 * n),
+    ("static", True, False, True): (lambda t, n, m, f: 4 * t + (8 if f else 10) * n, lambda t, n, m: 4 * t + 4 * n),
+    ("static", False, True, False): (lambda t, n, m, f: 8 * t + 4 * n, lambda t, n, m: 8 * t),
+    ("static", False, True, True): (lambda t, n, m, f: 8 * t + 4 * n, lambda t, n, m: 8 * t),
+    ("static", True, True, False): (lambda t, n, m, f: 8 * t + (8 if f else 10) * n, lambda t, n, m: 8 * t),
+    ("static", True, True, True): (lambda t, n, m, f: 12 * t + (8 if f else 10) * n, lambda t, n, m: 12 * t),
+    ("dynamic", False, False, False): (lambda t, n, m, f: 8 * t + 4 * n + 32 * m, lambda t, n, m: 6 * t + 32 * m),
+    ("dynamic", False, False, True): (lambda t, n, m, f: (8 if f else 9) * t + 4 * n + 32 * m,
+                                      lambda t, n, m: 6 * t + 32 * m),
+    ("dynamic", True, False, False): (lambda t, n, m, f: 8 * t + (8 if f else 10) * n + 32 * m,
+                                      lambda t, n, m: 6 * t + 32 * m),
+    ("dynamic", True, False, True): (lambda t, n, m, f: 10 * t + (8 if f else 10) * n + 32 * m,
+                                     lambda t, n, m: 8 * t + 4 * n),
+    ("dynamic", False, True, False): (lambda t, n, m, f: 20 * t + 4 * n + 64 * m, lambda t, n, m: 16 * t),
+    ("dynamic", False, True, True): (lambda t, n, m, f: 20 * t + 4 * n + 64 * m, lambda t, n, m: 16 * t),
+    ("dynamic", True, True, False): (lambda t, n, m, f: 20 * t + (8 if f else 10) * n + 64 * m, lambda t, n, m: 16 * t),
+    ("dynamic", True, True, True): (lambda t, n, m, f: 24 * t + (8 if f else 10) * n + 64 * m, lambda t, n, m: 16 * t),
 }
 QUANT_MODES = ("static", "dynamic")
 
@@ -138,19 +149,14 @@ def _ascend_int8(config: GemmConfig, quant: str, has_bias: bool, accumulate: boo
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     limits = ASCEND_LIMITS
     tiles = (bm + bn) * bk
-    kept = 2 * tiles <= limits["L1"]
-    if kept:
-        l1 = min(4 * tiles, limits["L1"]) if config.multibuffer else 2 * tiles
-    else:  # multibuffering dropped (or never on): A twice, W once
-        l1 = tiles + bm * bk
+    single = not config.multibuffer or 2 * tiles > limits["L1"]
     t = bm * bn
-    l0c = 2 * t * FP32_BYTES if 2 * t * FP32_BYTES <= limits["L0C"] else t * FP32_BYTES
-    wide, narrow = INT8_UB[quant, has_bias, accumulate]
-    first = wide(t, bn, bm, out_bytes == FP32_BYTES)
-    last = narrow(t, bn)
+    wide, narrow = INT8_UB[quant, has_bias, accumulate, config.splits_k]
+    first, last = wide(t, bn, bm, out_bytes == FP32_BYTES), narrow(t, bn, bm)
     ub = first if first <= limits["UB"] else (limits["UB"] if last <= limits["UB"] else last)
-    planned = BudgetEstimate("npu", {"L1": l1, "L0C": l0c, "UB": ub}, dict(limits))
-    return replace(planned, multibuffer_dropped=config.multibuffer and not kept and planned.fits)
+    usage = {"L1": tiles if single else 2 * tiles, "L0C": t * FP32_BYTES, "UB": ub}
+    planned = BudgetEstimate("npu", usage, dict(limits))
+    return replace(planned, multibuffer_dropped=config.multibuffer and single and planned.fits)
 
 
 def estimate(

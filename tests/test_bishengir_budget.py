@@ -13,8 +13,9 @@ planning included) and the two must agree:
 The grid: the tuner's candidates of every dtype with each epilogue (A2 and A3), and beyond the
 space (A2) tiles on both sides of the UB, L1 and L0C limits, in fp32 and bf16, each epilogue,
 multibuffer on and off, and a K that is not a multiple of the K step (the masked path). The int8
-path (W8A8, `kernels.budget.INT8_UB`) the same way: its candidates in both modes (static,
-dynamic), every epilogue and output dtype (A2 and A3), and a grid of tiles and K steps beyond.
+path (W8A8, `kernels.budget.INT8_UB`) the same way: its candidates (and their ``SPLIT`` variants)
+in both modes (static, dynamic), every epilogue and output dtype (A2 and A3), and a grid of tiles,
+K steps, multibuffer and ``SPLIT`` beyond.
 """
 
 from __future__ import annotations
@@ -78,21 +79,23 @@ INT8_WIDE_TILES = ((16, 128), (16, 512), (32, 256), (64, 64), (64, 256), (128, 1
 
 
 def _int8_candidate_cases():
-    shapes = sorted({(c.block_m, c.block_n, c.block_k, c.multibuffer) for c in candidate_gemm_configs("npu", 1)})
+    """The int8 candidates (with their ``SPLIT`` variants) in both modes, output dtypes, epilogues."""
+    shapes = sorted({(c.block_m, c.block_n, c.block_k, c.multibuffer, c.splits_k) for c in candidate_gemm_configs("npu", 1)})
     cases = []
-    for (bm, bn, bk, multibuffer), quant, out, (bias, accumulate) in itertools.product(shapes, INT8_MODES, INT8_OUT,
-                                                                                         EPILOGUES):
-        config = GemmConfig(block_m=bm, block_n=bn, block_k=bk, multibuffer=multibuffer)
+    for (bm, bn, bk, multibuffer, split), quant, out, (bias, accumulate) in itertools.product(
+        shapes, INT8_MODES, INT8_OUT, EPILOGUES
+    ):
+        config = GemmConfig(block_m=bm, block_n=bn, block_k=bk, multibuffer=multibuffer, split_k=2 if split else 1)
         cases.append(lowering_spec(config, torch.int8, has_bias=bias, accumulate=accumulate, quant=quant, out_dtype=out))
     return cases
 
 
 def _int8_wide_cases():
     cases = []
-    for (bm, bn), bk, quant, (bias, accumulate), multibuffer in itertools.product(
-        INT8_WIDE_TILES, (256, 512, 1024), INT8_MODES, EPILOGUES, (True, False)
+    for (bm, bn), bk, quant, (bias, accumulate), (multibuffer, split) in itertools.product(
+        INT8_WIDE_TILES, (256, 512, 1024), INT8_MODES, EPILOGUES, ((True, False), (False, False), (True, True))
     ):
-        config = GemmConfig(block_m=bm, block_n=bn, block_k=bk, multibuffer=multibuffer)
+        config = GemmConfig(block_m=bm, block_n=bn, block_k=bk, multibuffer=multibuffer, split_k=2 if split else 1)
         cases.append(lowering_spec(config, torch.int8, has_bias=bias, accumulate=accumulate, quant=quant))
     for (bm, bn), quant in itertools.product(((32, 128), (64, 128)), INT8_MODES):
         cases.append(lowering_spec(GemmConfig(block_m=bm, block_n=bn, block_k=512), torch.int8, k_s=1000,

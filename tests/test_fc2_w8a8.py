@@ -279,6 +279,18 @@ def test_classify_recognises_the_schemes_and_names_the_others():
     assert "deq_scale" in skipped["no deq_scale"].skip_reason
 
 
+def test_module_arguments_carry_the_spec_and_the_model_dtype():
+    from fc2.quant import classify, module_arguments
+
+    layer = _layer("AscendLinearMethod", "AscendW8A8DynamicLinearMethod", weight=torch.zeros(4, 8, dtype=torch.int8),
+                   weight_scale=torch.ones(4, 1, dtype=torch.float16))
+    layer.params_dtype = torch.float16
+    arguments = module_arguments(layer)
+    assert arguments["params_dtype"] == torch.float16 and arguments["quant"] == classify(layer).spec
+    with pytest.raises(ValueError, match="FP8"):
+        module_arguments(_layer("Fp8LinearMethod"))
+
+
 def test_deq_scale_int64_encoding_round_trips():
     from fc2.quant import decode_deq_scale
 
