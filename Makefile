@@ -43,7 +43,7 @@ test-lowering: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready
 #    plugin entry point) and real transformers models, in the vLLM environment (upstream Triton's
 #    interpreter there). Only these files: the other test modules need packages this env lacks.
 #    vLLM's CPU engine treats the CPU as its device: no simulated-device placement check there.
-VLLM_TESTS := tests/test_fc2_hf.py tests/test_fc2_vllm.py
+VLLM_TESTS := tests/test_fc2_hf.py tests/test_fc2_vllm.py tests/test_fc2_w8a8_vllm.py
 test-vllm: $(VLLM_ENV)/.ready $(VLLM_ENV)/.fc2-installed
 	TRITON_INTERPRET=1 FC2_STRICT_PLACEMENT=0 $(VLLM_ENV)/bin/python -m pytest -q -m vllm_env $(PYTEST_ARGS) $(VLLM_TESTS)
 

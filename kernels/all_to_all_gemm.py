@@ -37,7 +37,7 @@ import torch.distributed as dist
 from . import platform
 from .a2a_context import A2AGemmContext, normalized_group, pull_unavailable
 from .gemm_config import GemmConfig
-from .gemm_kernel import INT8, SUPPORTED_DTYPES
+from .gemm_kernel import INT8, SUPPORTED_DTYPES, Int8Scales
 from .quantize import W8A8, quantize_rows, received_operands
 from .recv_gemm import check_operands, gemm
 from .schedules import OVERLAPPED_SCHEDULES
@@ -119,17 +119,12 @@ class _Call:
             return self.x if self.x.is_contiguous() else self.x.contiguous()
         return quantize_rows(self.x, self.w8a8, out=out)
 
-    def multiply(
-        self, rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-        *, accumulate: bool = False, s_start: int = 0,
-    ) -> torch.Tensor:
-        """The receive-layout GEMM on received rows (``[S', m, row_width]`` or ``[m, row_width]``,
-        any strides) against ``weight``'s matching columns, into ``out``."""
+    def operands(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[Int8Scales]]:
+        """Received rows (``[S', m, row_width]`` or ``[m, row_width]``, any strides) as the GEMM's A
+        operand and, W8A8, its `Int8Scales` (views: no copy)."""
         if self.w8a8 is None:
-            return gemm(rows, weight, bias, out=out, accumulate=accumulate, s_start=s_start, config=self.config.gemm)
-        a, scales = received_operands(rows, self.x.shape[1], self.w8a8, self.x.dtype)
-        return gemm(a, weight, bias, out=out, accumulate=accumulate, s_start=s_start, config=self.config.gemm,
-                    scales=scales)
+            return rows, None
+        return received_operands(rows, self.x.shape[1], self.w8a8, self.x.dtype)
 
     def rows(self, p: int) -> int:
         """Tokens that actually exist in chunk p (c, fewer for the tail, 0 past T)."""
@@ -161,7 +156,8 @@ def _sequential(call: _Call) -> torch.Tensor:
         )
         received = received.view(call.size, m, width)
     if m:
-        call.multiply(received, call.weight, call.bias, out[:m])
+        a, scales = call.operands(received)
+        gemm(a, call.weight, call.bias, out=out[:m], config=call.config.gemm, scales=scales)
     return out
 
 

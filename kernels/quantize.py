@@ -291,14 +291,14 @@ def lowering_spec(dtype: torch.dtype, *, dynamic: bool, has_offset: bool, permut
 def lowering_cases(target: str) -> list:
     """Every mode (static symmetric / asymmetric, dynamic) x input dtype, plain and permuted
     (the o > 1 reorder), K a multiple of the column step and not."""
+    from .gemm_kernel import TRITON_DTYPES
+
     cases = []
     modes = (("static", False, False), ("static-offset", False, True), ("dynamic", True, False))
     for name, dynamic, has_offset in modes:
         for dtype in SUPPORTED_DTYPES:
             for permuted in (False, True):
                 for even in (True, False):
-                    from .gemm_kernel import TRITON_DTYPES
-
                     case = f"{name}-{TRITON_DTYPES[dtype]}-perm{int(permuted)}-even{int(even)}"
                     cases.append((case, lowering_spec(dtype, dynamic=dynamic, has_offset=has_offset,
                                                       permuted=permuted, even=even, target=target)))

@@ -35,8 +35,9 @@ used and before its buffers are reused; a call returns with every transfer joine
   context uses one slot and a second barrier).
 
 With W8A8 (``call.w8a8``) each schedule moves what `_Call.send_rows` gives (x quantized to packed
-int8 rows; ``pull`` quantizes straight into its heap slot) and multiplies through
-`_Call.multiply`; the step structure and the collectives are the same.
+int8 rows; ``pull`` quantizes straight into its heap slot) and multiplies what it received through
+`_step_gemm` (`_Call.operands`: the int8 A and its scales); the step structure and the
+collectives are the same.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import torch.distributed as dist
 
 from .a2a_context import A2AGemmContext, Pending
 from .pull_gemm import gather_rows, pull_gemm
+from .recv_gemm import gemm
 
 if TYPE_CHECKING:  # the registry lives in all_to_all_gemm, which imports this module
     from .all_to_all_gemm import _Call
@@ -77,11 +79,19 @@ def reserve_workspaces(
     context.reserve("ring.acc", chunk * n * 4)
 
 
+def _step_gemm(call: "_Call", rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               out: torch.Tensor, *, accumulate: bool = False, s_start: int = 0) -> torch.Tensor:
+    """One step's receive-layout GEMM on the rows it received (W8A8: int8, with their scales)."""
+    a, scales = call.operands(rows)
+    return gemm(a, weight, bias, out=out, accumulate=accumulate, s_start=s_start, config=call.config.gemm,
+                scales=scales)
+
+
 def _local_only(call: "_Call", out: torch.Tensor) -> torch.Tensor:
     """A group of one has nothing to communicate: one GEMM over x."""
     m = call.rows(0)
     if m:
-        call.multiply(call.x if call.w8a8 is None else call.send_rows(), call.weight, call.bias, out[:m])
+        _step_gemm(call, call.x if call.w8a8 is None else call.send_rows(), call.weight, call.bias, out[:m])
     return out
 
 
@@ -124,7 +134,7 @@ def chunked(call: "_Call") -> torch.Tensor:
         mine = piece(rank, i)
         if mine:
             blocks = receive[i % 2][: size * mine].view(size, mine, k_local)  # receive layout
-            call.multiply(blocks, call.weight, call.bias, out[i * sub : i * sub + mine])
+            _step_gemm(call, blocks, call.weight, call.bias, out[i * sub : i * sub + mine])
         pending = following
     return out
 
@@ -165,12 +175,12 @@ def ring(call: "_Call") -> torch.Tensor:
 
     pending = issue(1)
     if m:  # step 0: my own heads, no communication
-        call.multiply(x[rank * chunk : rank * chunk + m], block_weight(rank), call.bias, acc)
+        _step_gemm(call, x[rank * chunk : rank * chunk + m], block_weight(rank), call.bias, acc)
     for step in range(1, size):
         following = issue(step + 1) if step + 1 < size else None
         pending.wait()
         if m:
-            call.multiply(buffers[step % 2], block_weight((rank - step) % size), None, acc, accumulate=True)
+            _step_gemm(call, buffers[step % 2], block_weight((rank - step) % size), None, acc, accumulate=True)
         pending = following
     if m and acc.data_ptr() != out.data_ptr():
         out[:m].copy_(acc)
@@ -196,7 +206,7 @@ def pull(call: "_Call") -> torch.Tensor:
         )
     elif m:  # the peers' int8 rows (scales in their tails) gathered once, then the int8 GEMM
         staged = gather_rows(peers, view.stride(), call.rank * call.chunk, m, call.row_width, call.wire_dtype)
-        call.multiply(staged, call.weight, call.bias, out[:m], s_start=call.rank)
+        _step_gemm(call, staged, call.weight, call.bias, out[:m], s_start=call.rank)
     if context.graph_safe:
         context.heap.barrier()  # one slot: no peer writes it again before every peer has read it
     return out
