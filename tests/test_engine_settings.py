@@ -195,5 +195,12 @@ def test_vllm_ascend_parallel_ops_that_conflict():
         assert name in va.linear_conflict(linear(name))
 
 
+def test_a_draft_model_is_recognised_by_its_model_config():
+    target, draft = SimpleNamespace(), SimpleNamespace()
+    config = SimpleNamespace(model_config=target, speculative_config=SimpleNamespace(draft_model_config=draft))
+    assert fv._is_draft(config, draft) and not fv._is_draft(config, target)
+    assert not fv._is_draft(SimpleNamespace(model_config=target, speculative_config=None), target)
+
+
 def test_step_layout_type():
     assert StepLayout("sequence", 3).pad == 3 and StepLayout("replicated").pad == 0
