@@ -82,6 +82,8 @@ REPORT_ATTRIBUTE = "_fc2_patch_report"
 #: The key fc2 adds to ``vllm.envs.compile_factors()`` (hashed into vLLM's compile-cache keys).
 CACHE_FACTOR = "FC2_FLASHCOMM2"
 GRAPH_MODES = ("none", "piecewise", "full")
+#: Loader classes whose own ``load_model`` fc2 wrapped with the unsupported-loader notice.
+_NOTICED_LOADERS: list[type] = []
 
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -577,9 +579,11 @@ def install_hooks(settings: PluginSettings) -> bool:
     def make_init(original):
         def __init__(self, *args, **kwargs):
             original(self, *args, **kwargs)
-            cls = type(self)
-            if "load_model" in vars(cls) and not getattr(vars(cls)["load_model"], _WRAPPED, False):
-                _wrap(cls, "load_model", functools.partial(_unsupported_loader_notice, settings))
+            # the class whose load_model this loader runs: BaseModelLoader's (wrapped above), or its own
+            owner = next(c for c in type(self).__mro__ if "load_model" in vars(c))
+            if owner is not BaseModelLoader and not getattr(vars(owner)["load_model"], _WRAPPED, False):
+                _wrap(owner, "load_model", functools.partial(_unsupported_loader_notice, settings))
+                _NOTICED_LOADERS.append(owner)
 
         return __init__
 
@@ -601,16 +605,14 @@ def install_hooks(settings: PluginSettings) -> bool:
 def uninstall_hooks() -> bool:
     """Undo `install_hooks` (tests; a process that wants vLLM's loader back)."""
     import vllm.envs as vllm_envs
-    from vllm.model_executor import model_loader
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     removed = _unwrap(BaseModelLoader, "create_model")
     _unwrap(BaseModelLoader, "load_model")
     _unwrap(BaseModelLoader, "__init__")
     _unwrap(vllm_envs, "compile_factors")
-    for cls in set(model_loader._LOAD_FORMAT_TO_MODEL_LOADER.values()):
-        if "load_model" in vars(cls):
-            _unwrap(cls, "load_model")
+    while _NOTICED_LOADERS:
+        _unwrap(_NOTICED_LOADERS.pop(), "load_model")
     return removed
 
 

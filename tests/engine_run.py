@@ -1,7 +1,8 @@
 """One vLLM engine run for the engine tests, in its own process: ``python -m tests.engine_run SPEC OUT``.
 
 SPEC (JSON): ``model`` (a checkpoint directory), ``tp``, ``eager``, ``prompts`` (lists of token
-ids), ``max_tokens``. The engine is built exactly as a user's ``LLM(...)`` would be: FlashComm2 is on
+ids), ``max_tokens``, ``one_prompt_per_call`` (one ``generate`` per prompt instead of one batch:
+vLLM CPU's MLA backend lets batched requests change each other's results). The engine is built exactly as a user's ``LLM(...)`` would be: FlashComm2 is on
 or off only through the environment the caller gives this process and fc2's plugin entry point
 (installed in the environment). The first ``generate`` of the fresh engine is greedy with the top-5
 logprobs of every generated token (fp32: the model runs in float32). OUT (JSON): the tokens and
@@ -43,7 +44,11 @@ def main(spec_path: str, out_path: str) -> None:
 
         before = llm.collective_rpc(worker_report)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], logprobs=5, detokenize=False)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
+    prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
+    if spec.get("one_prompt_per_call"):
+        outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     generated = time.perf_counter()
     after = llm.collective_rpc(worker_report) if fc2_on else None
     results = []

@@ -100,9 +100,13 @@ def test_negative_control_a_one_percent_w_o_error_is_caught(engines):
 
 
 def test_deepseek_v2_mla_matches_and_its_wrapper_calls_fc2(engines):
-    base = engines.run("deepseek-eager", "deepseek_v2")
-    fc2 = engines.run("deepseek-eager-fc2", "deepseek_v2", env=FC2)
-    result = _check_equal(engines, "deepseek_v2 (MLA)", "eager", "otp 1", base, fc2)
+    """One prompt per generate call: vLLM CPU's MLA backend lets the requests of one batch change
+    each other's results, and not always the same way (without fc2, 2 of 3 fresh engines gave other
+    tokens for the same batched prompts; served one at a time, 6 of 6 engines agreed, with and
+    without fc2). The call is still the first of a fresh engine for its prompt."""
+    base = engines.run("deepseek-eager", "deepseek_v2", one_prompt_per_call=True)
+    fc2 = engines.run("deepseek-eager-fc2", "deepseek_v2", env=FC2, one_prompt_per_call=True)
+    result = _check_equal(engines, "deepseek_v2 (MLA)", "eager, one prompt per call", "otp 1", base, fc2)
     assert result.tokens_equal and result.max_logprob_diff <= TOLERANCE, result
     _check_ran(fc2, 2, 2)  # the MLA wrapper's own reference was retargeted: the modules ran
 

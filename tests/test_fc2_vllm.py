@@ -319,11 +319,16 @@ def _plugin_off_bad_value_and_loaders():
             def load_model(self, vllm_config, model_config, prefix=""):
                 return "built its own way"
 
-        try:
-            OwnWayLoader(None).load_model(None, None)
-            refused = "accepted"
-        except fc2.FC2ConfigError as error:
-            refused = str(error)
+        class Inherits(OwnWayLoader):  # runs its parent's load_model
+            pass
+
+        refused = []
+        for cls in (OwnWayLoader, Inherits):
+            try:
+                cls(None).load_model(None, None)
+                refused.append("accepted")
+            except fc2.FC2ConfigError as error:
+                refused.append(str(error))
     finally:
         fc2.vllm.uninstall_hooks()
         for name in ("FC2_OTP_SIZE", "FC2_STRICT"):
@@ -335,4 +340,5 @@ def test_plugin_inert_when_off_names_a_bad_value_and_refuses_unsupported_loaders
     for off, bad, refused in pools(2).run(_plugin_off_bad_value_and_loaders, timeout=TIMEOUT):
         assert off
         assert "FC2_OTP_SIZE='two'" in bad
-        assert "model loader OwnWayLoader is not supported" in refused and "FC2_STRICT=1" in refused
+        assert "model loader OwnWayLoader is not supported" in refused[0] and "FC2_STRICT=1" in refused[0]
+        assert "model loader Inherits is not supported" in refused[1]
