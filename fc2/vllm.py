@@ -31,7 +31,7 @@ FlashComm1 the layout follows its per-step decision (`fc2.vllm_ascend`).
 
 Graph capture: `engine_graph_mode` derives "none" / "piecewise" / "full" from the vLLM config; the
 capture rules themselves (``fc2.graphs.graph_refusal`` / ``prepare_for_capture``) are called at
-construction and after loading when that module is present, and any graph mode is refused without it.
+construction (a setting that cannot replay correctly is refused there) and after loading.
 
 `patch_model` is the same replacement for a model built by hand (e.g. ``initialize_model`` plus
 ``load_weights``): it also carries already loaded weights over (gathering each rank's W_o shard
@@ -47,7 +47,6 @@ import dataclasses
 import fnmatch
 import functools
 import gc
-import importlib.util
 import logging
 import os
 import weakref
@@ -411,26 +410,15 @@ def engine_graph_mode(vllm_config: Any) -> str:
     return "none"
 
 
-def _graph_rules():
-    """``fc2.graphs`` (graph-capture rules) when this build has it, else None."""
-    if importlib.util.find_spec(f"{__package__}.graphs") is None:
-        return None
-    from . import graphs
-
-    return graphs
-
-
 def check_graph_mode(config: FC2Config, mode: str, layers: int) -> None:
     """Refuse a graph mode the FlashComm2 modules cannot be captured in (before anything changes)."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"graph mode {mode!r}: expected one of {GRAPH_MODES}")
     if mode == "none":
         return
-    rules = _graph_rules()
-    refusal = (
-        "this build of fc2 has no graph-capture support (fc2.graphs)" if rules is None
-        else rules.graph_refusal(config, mode, layers)
-    )
+    from .graphs import graph_refusal
+
+    refusal = graph_refusal(config, mode, layers)
     if refusal:
         raise FC2ConfigError(
             f"FlashComm2 cannot run under the engine's {mode} graph capture: {refusal}; start the engine eager "
@@ -518,9 +506,13 @@ def finish_after_loading(model: nn.Module, vllm_config: Any) -> None:
 
     finalize(model)
     mode = engine_graph_mode(vllm_config)
-    rules = _graph_rules()
-    if mode != "none" and rules is not None:
-        rules.prepare_for_capture(model, mode)
+    if mode != "none":
+        from .graphs import prepare_for_capture
+
+        # Workspaces sized once for the largest step the scheduler makes: no allocation while
+        # the engine captures or replays.
+        scheduler = getattr(vllm_config, "scheduler_config", None)
+        prepare_for_capture(model, mode, max_tokens=getattr(scheduler, "max_num_batched_tokens", None))
 
 
 def _wrap(owner: Any, name: str, make: Callable[[Callable], Callable]) -> bool:

@@ -85,22 +85,20 @@ def test_engine_graph_mode(mode, sizes, eager, expected):
     assert fv.engine_graph_mode(config) == expected
 
 
-def test_graph_modes_refused_without_capture_rules(monkeypatch):
-    monkeypatch.setattr(fv, "_graph_rules", lambda: None)
-    fv.check_graph_mode(FC2Config(), "none", 2)
-    with pytest.raises(FC2ConfigError, match="piecewise graph capture.*enforce_eager"):
-        fv.check_graph_mode(FC2Config(), "piecewise", 2)
-
-
-def test_graph_rules_decide_when_present(monkeypatch):
-    calls = []
-    rules = SimpleNamespace(graph_refusal=lambda config, mode, layers: calls.append((mode, layers)) or
-                            ("o_shared needs ..." if config.o_shared else None))
-    monkeypatch.setattr(fv, "_graph_rules", lambda: rules)
-    fv.check_graph_mode(FC2Config(), "full", 3)
-    with pytest.raises(FC2ConfigError, match="o_shared needs"):
-        fv.check_graph_mode(FC2Config(o_shared=True), "piecewise", 3)
-    assert calls == [("full", 3), ("piecewise", 3)]
+def test_graph_modes_follow_the_capture_rules():
+    """The engine's graph mode goes through fc2.graphs: eager and plain FlashComm2 are fine in every
+    mode; o_shared with a cross-layer prefetch is refused under piecewise graphs (its broadcast
+    would be forked in one captured piece and joined in another), with what to set."""
+    for mode in ("none", "piecewise", "full"):
+        fv.check_graph_mode(FC2Config(), mode, 3)
+    fv.check_graph_mode(FC2Config(o_shared=True, prefetch_step=1), "full", 3)
+    fv.check_graph_mode(FC2Config(o_shared=True, prefetch_step=0), "piecewise", 3)
+    with pytest.raises(FC2ConfigError, match="piecewise graph capture.*prefetch_step|prefetch_step.*piecewise"):
+        fv.check_graph_mode(FC2Config(o_shared=True, prefetch_step=1), "piecewise", 3)
+    with pytest.raises(FC2ConfigError, match="prefetch_step=3 with 3 layer"):
+        fv.check_graph_mode(FC2Config(o_shared=True, prefetch_step=3), "full", 3)
+    with pytest.raises(ValueError, match="graph mode 'partial'"):
+        fv.check_graph_mode(FC2Config(), "partial", 3)
 
 
 def test_loader_support_names_what_is_not_supported():
