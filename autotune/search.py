@@ -40,6 +40,10 @@ from .space import Space
 MEASURED = "measured"
 INFEASIBLE = "infeasible"
 FAILED = "failed"
+#: User attribute of a trial that shares its config with a running one: "measure" or "defer".
+VERDICT = "repeat_verdict"
+#: How long a trial waits for a younger twin's verdict (it writes it right after one read).
+VERDICT_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -223,10 +227,15 @@ class SearchDriver:
     def _settle_repeat(self, trial: optuna.trial.Trial, key: str, allow_fallback: bool = True) -> bool:
         """Answer ``trial`` from the study if its config is known there; True if settled.
 
-        Of two workers that ask for the same config at once, the older trial (smaller number)
-        measures it and the younger is pruned, so a config is neither measured twice nor lost."""
+        Two workers may ask for the same config at once. Each has written its ``config_key``
+        before reading the others', so at least one of the two sees the other. A trial that sees
+        an older RUNNING trial of its key defers to it (pruned, verdict ``defer``). A trial that
+        sees only younger ones waits for their verdicts: a younger one that did not see it says
+        ``measure``, and then this one defers instead. Exactly one of them measures, none is lost,
+        and nobody waits on an older trial, so the waits cannot form a cycle."""
         if not self.answer_repeats:
             return False
+        younger = []
         for other in self._trials((TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.PRUNED)):
             if other.number == trial.number or other.user_attrs.get("config_key") != key:
                 continue
@@ -243,10 +252,9 @@ class SearchDriver:
                 self.stats.answered += 1
             elif other.state == TrialState.RUNNING:
                 if other.number > trial.number:
+                    younger.append(other.number)
                     continue
-                trial.set_user_attr("duplicate_of_running", other.number)
-                self.study.tell(trial, state=TrialState.PRUNED)
-                self.stats.duplicates_running += 1
+                self._defer_to(trial, other.number)
             elif other.user_attrs.get("error"):
                 trial.set_user_attr("answered_from", other.number)
                 trial.set_user_attr("error", other.user_attrs["error"])
@@ -259,7 +267,38 @@ class SearchDriver:
                 self._enqueue_random_unmeasured()
                 self._repeats_in_row = 0
             return True
+        measuring = self._younger_measuring(younger)
+        if measuring is not None:
+            self._defer_to(trial, measuring)
+            return True
+        trial.set_user_attr(VERDICT, "measure")
         return False
+
+    def _defer_to(self, trial: optuna.trial.Trial, other: int) -> None:
+        trial.set_user_attr(VERDICT, "defer")
+        trial.set_user_attr("duplicate_of_running", other)
+        self.study.tell(trial, state=TrialState.PRUNED)
+        self.stats.duplicates_running += 1
+
+    def _younger_measuring(self, numbers: list) -> Optional[int]:
+        """The first of the younger RUNNING trials ``numbers`` (same config) that measures it: wait
+        until each has its verdict or stops running (a killed worker's trial goes stale, then FAIL)."""
+        pending = set(numbers)
+        deadline = time.monotonic() + VERDICT_WAIT_S
+        while pending:
+            for other in self._trials():
+                if other.number not in pending:
+                    continue
+                verdict = other.user_attrs.get(VERDICT)
+                if verdict == "measure":
+                    return other.number
+                if verdict is not None or other.state != TrialState.RUNNING:
+                    pending.discard(other.number)
+            if pending and time.monotonic() >= deadline:
+                return min(pending)  # silent too long: leave it the config rather than risk a repeat
+            if pending:
+                time.sleep(0.05)
+        return None
 
     def _enqueue_random_unmeasured(self) -> None:
         seen = self.measured_keys() | self._failed_keys()

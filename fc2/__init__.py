@@ -6,8 +6,10 @@
 - ``fc2.quant``: which quantized o_proj it takes (`classify` an engine's layer -> a `W8A8Spec` for
   ``FlashComm2OProj(quant=...)``, or a skip reason naming the scheme).
 - ``fc2.memory``: W_o bytes per rank in each mode.
-- ``fc2.vllm.patch_model`` and the vLLM general plugin; ``fc2.hf.patch_model`` (imported on use:
-  neither vLLM nor transformers is needed to import this package).
+- ``fc2.vllm``: the vLLM general plugin (FlashComm2 at model construction, turned on by ``FC2_*``
+  variables), ``patch_model``, ``worker_report``; ``fc2.vllm_ascend``: the rules beside vllm-ascend;
+  ``fc2.hf.patch_model`` (imported on use: neither vLLM nor transformers is needed to import this
+  package).
 - `finalize(model)`: call once after a model's weights are loaded (the patchers do).
 """
 

@@ -29,10 +29,14 @@ Fields (all checked on construction; `validate` adds the checks that need the pa
   ``"heap"`` (symmetric heap + copy kernel), handed to ``fc2.shared_weights.setup_oproj_series``
   by `fc2.finalize`.
 
-Environment (`FC2Config.from_env`): the two vllm-ascend variables plus ``FC2_PREFETCH_STEP``,
-``FC2_OUTPUT_LAYOUT``, ``FC2_SCHEDULE``, ``FC2_RS_CHUNKS``, ``FC2_CONFIG_DIR``, ``FC2_PULL_MAX_TOKENS``,
-``FC2_OSHARED_TRANSPORT``. A value that does not
-parse raises `FC2ConfigError` naming the variable and the value.
+Environment (`FC2Config.from_env`): one ``FC2_*`` variable per field (`ENV_VARIABLES`). Two
+vllm-ascend names are read as aliases where they mean the same thing (`ENV_ALIASES`):
+``VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE`` for ``FC2_OTP_SIZE`` and
+``VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED`` for ``FC2_O_SHARED``; the ``FC2_*`` name wins when both are
+set. (With vllm-ascend installed its own FlashComm2 reads ``VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE``
+too: `fc2.vllm_ascend` refuses that combination; use ``FC2_OTP_SIZE`` there.) A value that does not
+parse raises `FC2ConfigError` naming the variable and the value. The engine plugin's own settings
+(which modules, strict mode) are `ENGINE_VARIABLES`, read by `fc2.vllm.PluginSettings`.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ LAYOUTS = ("sequence", "replicated")
 #: o_shared transports (the same names as `kernels.weight_broadcast.TRANSPORTS`; a test checks).
 OSHARED_TRANSPORTS = ("broadcast", "heap")
 
-ENV_OTP_SIZE = "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE"
-ENV_O_SHARED = "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED"
+ENV_OTP_SIZE = "FC2_OTP_SIZE"
+ENV_O_SHARED = "FC2_O_SHARED"
 ENV_PREFETCH_STEP = "FC2_PREFETCH_STEP"
 ENV_OUTPUT_LAYOUT = "FC2_OUTPUT_LAYOUT"
 ENV_SCHEDULE = "FC2_SCHEDULE"
@@ -55,11 +59,21 @@ ENV_RS_CHUNKS = "FC2_RS_CHUNKS"
 ENV_TABLES_DIR = "FC2_CONFIG_DIR"
 ENV_PULL_MAX_TOKENS = "FC2_PULL_MAX_TOKENS"
 ENV_OSHARED_TRANSPORT = "FC2_OSHARED_TRANSPORT"
+ENV_MODULES = "FC2_MODULES"
+ENV_STRICT = "FC2_STRICT"
 
-#: Every variable `from_env` reads, with what it means (the README table is generated from the same words).
+#: vllm-ascend's names for two of our variables (same meaning); read when the FC2_* name is unset.
+ENV_ALIASES = {
+    ENV_OTP_SIZE: "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE",
+    ENV_O_SHARED: "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED",
+}
+
+#: Every variable `from_env` reads, with what it means (the README table uses the same words).
 ENV_VARIABLES = {
-    ENV_OTP_SIZE: "o_proj TP size o: 0 = FlashComm2 off (default), 1 = on, o > 1 = W_o sharded over o ranks",
-    ENV_O_SHARED: "1 = o_shared (each layer's W_o stored on one rank of its sharing group), 0 = off (default)",
+    ENV_OTP_SIZE: "o_proj TP size o: 0 = FlashComm2 off (default), 1 = on, o > 1 = W_o sharded over o ranks "
+    "(alias VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE)",
+    ENV_O_SHARED: "1 = o_shared (each layer's W_o stored on one rank of its sharing group), 0 = off (default) "
+    "(alias VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED)",
     ENV_PREFETCH_STEP: "o_shared prefetch depth in layers: an integer >= 0, or 'auto' / unset = the tuned table, else 1",
     ENV_OUTPUT_LAYOUT: "'sequence' (token chunk r on TP rank r) or 'replicated' (all tokens everywhere)",
     ENV_SCHEDULE: "all-to-all + GEMM schedule: 'auto' (default) or a name in kernels.SCHEDULES",
@@ -67,6 +81,13 @@ ENV_VARIABLES = {
     ENV_TABLES_DIR: "directory of tuned config tables (python -m autotune; the name fc2.tuned_tables reads too)",
     ENV_PULL_MAX_TOKENS: "o = 1: symmetric heap for the 'pull' schedule sized for this many tokens (0 = none, default)",
     ENV_OSHARED_TRANSPORT: "o_shared weight transport: 'broadcast' (default) or 'heap'",
+}
+
+#: The engine plugin's variables (`fc2.vllm.PluginSettings`): which modules, and what a skip does.
+ENGINE_VARIABLES = {
+    ENV_MODULES: "comma-separated fnmatch patterns of o_proj prefixes to replace (default: every "
+    "'*.o_proj'); e.g. 'model.layers.*.self_attn.o_proj'",
+    ENV_STRICT: "1 = fail at start-up if any o_proj cannot be replaced (default 0: skip it, one log line each)",
 }
 
 
@@ -195,22 +216,32 @@ class FC2Config:
         FlashComm2 off, o_shared off). ``overrides`` win over the environment."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {
-            "otp_size": _env_int(env, ENV_OTP_SIZE, 0, minimum=0),
-            "o_shared": _env_bool(env, ENV_O_SHARED, False),
+            "otp_size": env_int(env, resolve_alias(env, ENV_OTP_SIZE), 0, minimum=0),
+            "o_shared": env_bool(env, resolve_alias(env, ENV_O_SHARED), False),
             "prefetch_step": None if (env.get(ENV_PREFETCH_STEP) or "").strip().lower() == "auto"
-            else _env_int(env, ENV_PREFETCH_STEP, None, minimum=0),
+            else env_int(env, ENV_PREFETCH_STEP, None, minimum=0),
             "output_layout": _env_choice(env, ENV_OUTPUT_LAYOUT, "sequence", LAYOUTS),
             "schedule": (env.get(ENV_SCHEDULE) or "auto").strip(),
-            "rs_chunks": _env_int(env, ENV_RS_CHUNKS, None, minimum=1),
+            "rs_chunks": env_int(env, ENV_RS_CHUNKS, None, minimum=1),
             "tables_dir": env.get(ENV_TABLES_DIR) or None,
-            "pull_max_tokens": _env_int(env, ENV_PULL_MAX_TOKENS, 0, minimum=0),
+            "pull_max_tokens": env_int(env, ENV_PULL_MAX_TOKENS, 0, minimum=0),
             "oshared_transport": _env_choice(env, ENV_OSHARED_TRANSPORT, "broadcast", OSHARED_TRANSPORTS),
         }
         values.update(overrides)
         return cls(**values)
 
 
-def _env_int(env: Mapping[str, str], name: str, default: Optional[int], minimum: int) -> Optional[int]:
+def resolve_alias(env: Mapping[str, str], name: str) -> str:
+    """The variable to read for ``name``: itself when set (non-empty), else its vllm-ascend alias
+    when that is set, else ``name``."""
+    alias = ENV_ALIASES.get(name)
+    if (env.get(name) or "").strip() or not alias or not (env.get(alias) or "").strip():
+        return name
+    return alias
+
+
+def env_int(env: Mapping[str, str], name: str, default: Optional[int], minimum: int) -> Optional[int]:
+    """Integer variable ``name`` (>= ``minimum``), ``default`` when unset or empty."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -227,7 +258,8 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """Boolean variable ``name`` (1/0, true/false, yes/no, on/off), ``default`` when unset or empty."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default

@@ -30,6 +30,15 @@ The forward weight comes from one method, `_forward_weight` (o_shared replaces i
 `set_weight_source`); ``layer_idx`` is stored (taken from a vLLM prefix like
 ``model.layers.7.self_attn.o_proj`` when not given) for o_shared's layer ownership.
 
+Inside an engine: under ``torch.compile`` the projection is the custom op ``torch.ops.fc2.oproj(x,
+key)``, whose ``key`` is the module's prefix (`op_key`), a string that is the same in every process
+and every run, so a compiled graph cached on disk names the same module when it is loaded again.
+``calls`` counts the projections the module ran (eager or through the op), so a test can prove that
+an engine ran it. ``forward`` accepts the keyword arguments engines pass to an o_proj
+(`ENGINE_KWARGS`, e.g. vllm-ascend's ``is_prefill``) and ignores them. An engine that decides per
+step whether the step is sequence parallel (vllm-ascend's FlashComm1) installs a `StepLayout`
+source (`set_step_layout`); the ``"sequence"`` layout then follows it.
+
 Per-call choices (schedule, tile config, reduce-scatter chunks) are made in `_plan` from shapes
 that every rank shares, so every rank issues the same collectives. `_plan` asks the tuned tables
 first (`FlashComm2OProj._tuned`: ``fc2.tuned_tables``) and falls back to the documented heuristics
@@ -92,6 +101,35 @@ PLAN_CACHE_SIZE = 256
 #: The modules `torch.ops.fc2.oproj` can run, by key (weak: a module that is gone drops out). The
 #: custom op takes the key, not the module, because an op's arguments must be tensors and scalars.
 OP_MODULES: "weakref.WeakValueDictionary[str, FlashComm2OProj]" = weakref.WeakValueDictionary()
+
+#: Keyword arguments engines pass to an ``o_proj`` call that do not change what it computes
+#: (vllm-ascend's MLA impl: ``o_proj(x, is_prefill=...)``); ``forward`` accepts and ignores them.
+ENGINE_KWARGS = frozenset({"is_prefill"})
+
+
+def register_op_module(prefix: str, module: "FlashComm2OProj") -> str:
+    """Register ``module`` for `torch.ops.fc2.oproj` under a key derived from its prefix; the key.
+
+    The key is the prefix itself (the same in every process and run: compiled graphs cached on disk
+    hold it as a constant). A second live module with the same prefix in one process (two models
+    built side by side) gets ``prefix@2``, ``prefix@3``, ... in construction order, which is again
+    the same in every run that builds the same models in the same order."""
+    base = prefix or "o_proj"
+    key, n = base, 1
+    while OP_MODULES.get(key) is not None:
+        n += 1
+        key = f"{base}@{n}"
+    OP_MODULES[key] = module
+    return key
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """One step's output layout as the engine decided it: ``"sequence"`` (token chunk r of the
+    tokens padded with ``pad`` zero rows, on TP rank r) or ``"replicated"`` (all tokens)."""
+
+    layout: str
+    pad: int = 0
 
 
 @torch.library.custom_op("fc2::oproj", mutates_args=(), schema="(Tensor x, str key) -> Tensor")
@@ -221,8 +259,9 @@ class FlashComm2OProj(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._weight_source: Optional[Callable[[int], torch.Tensor]] = None
-        self._op_key = f"{prefix or 'o_proj'}#{id(self)}"
-        OP_MODULES[self._op_key] = self
+        self._step_layout: Optional[Callable[[], StepLayout]] = None
+        self.calls = 0
+        self.op_key = register_op_module(prefix, self)
         self._plans: dict[int, OProjPlan] = {}
         # Tuned tables: the same contents on every rank of the TP group (checked once, collectively:
         # every rank builds the same modules in the same order), then this module's table is loaded
@@ -322,6 +361,30 @@ class FlashComm2OProj(nn.Module):
         (``[output_size, input_size / otp_size]``), its dtype and device."""
         self._weight_source = source
 
+    def set_step_layout(self, source: Optional[Callable[[], StepLayout]]) -> None:
+        """Where a ``"sequence"``-layout module learns each step's layout: ``source()`` returns the
+        engine's `StepLayout` for the current forward (vllm-ascend: its forward context's FlashComm1
+        decision and padding, `fc2.vllm_ascend.step_layout`). None (default): every step is
+        ``config.output_layout``. Every rank of a TP group must get the same answer (the engines
+        decide from the batch's token counts, which the ranks share)."""
+        if source is not None and self.config.output_layout != "sequence":
+            raise FC2ConfigError(
+                f"{self.prefix or 'FlashComm2OProj'}: a per-step layout source needs output_layout='sequence', "
+                f"this module has {self.config.output_layout!r}"
+            )
+        self._step_layout = source
+
+    def step_layout(self) -> StepLayout:
+        """This step's layout: the installed source's answer, else ``config.output_layout``."""
+        if self.tp_size == 1:
+            return StepLayout("replicated")
+        if self._step_layout is None:
+            return StepLayout(self.config.output_layout)
+        step = self._step_layout()
+        if step.layout not in ("sequence", "replicated") or not isinstance(step.pad, int) or step.pad < 0:
+            raise ValueError(f"{self.prefix or 'FlashComm2OProj'}: step layout source returned {step!r}")
+        return step
+
     def _forward_weight(self, tokens: Optional[int] = None) -> torch.Tensor:
         """The W_o (shard) this call multiplies by: the one place the forward reads it."""
         return self.weight if self._weight_source is None else self._weight_source(tokens)
@@ -411,7 +474,8 @@ class FlashComm2OProj(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.input_size_per_partition:
             raise ValueError(
                 f"{name}: x: expected [T, {self.input_size_per_partition}] (this rank's heads: input_size "
-                f"{self.input_size} / tp {self.tp_size}), got shape {tuple(x.shape)}"
+                f"{self.input_size} / tp {self.tp_size}; [..., {self.input_size_per_partition}] with the "
+                f"replicated layout), got shape {tuple(x.shape)}"
             )
         weight = self.weight
         if self.quant is not None and x.dtype != self.params_dtype:
@@ -427,27 +491,50 @@ class FlashComm2OProj(nn.Module):
                 f"{self.config.pull_max_tokens} ({ENV_PULL_MAX_TOKENS}); raise it or use another schedule"
             )
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def forward(
+        self, x: torch.Tensor, **engine_kwargs: Any
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """``x [T, K/tp]`` -> ``(out, out_bias)`` (just ``out`` if ``return_bias`` is False).
 
         T must be equal on every TP rank (it is: the ranks of a TP group run the same batch).
-        Under ``torch.compile`` (vLLM compiles its models) the whole projection is one opaque
-        custom op, ``torch.ops.fc2.oproj``, so the graph holds no Python collectives."""
+        With the replicated layout x may have leading dimensions (``[..., K/tp]``, flattened into T
+        and restored on the output). ``engine_kwargs``: only `ENGINE_KWARGS` (ignored; anything
+        else raises, naming it). Under ``torch.compile`` (vLLM compiles its models) the whole
+        projection is one opaque custom op, ``torch.ops.fc2.oproj``, so the graph holds no Python
+        collectives."""
+        unknown = sorted(set(engine_kwargs) - ENGINE_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"{self.prefix or 'FlashComm2OProj'}: forward() got unexpected keyword arguments {unknown}; "
+                f"it accepts x and the engine arguments {sorted(ENGINE_KWARGS)}"
+            )
+        lead = None
+        if isinstance(x, torch.Tensor) and x.dim() > 2 and self.config.output_layout == "replicated":
+            lead = x.shape[:-1]
+            x = x.reshape(-1, x.shape[-1])
         self._check_input(x)
         if torch.compiler.is_compiling():
-            out = torch.ops.fc2.oproj(x, self._op_key)
+            out = torch.ops.fc2.oproj(x, self.op_key)
         else:
             out = self._project(x)
+        if lead is not None:
+            out = out.view(*lead, self.output_size)
         out_bias = self.bias if self.skip_bias_add else None
         return (out, out_bias) if self.return_bias else out
 
     def output_rows(self, tokens):
-        """Rows of the output for T tokens: ceil(T / tp) (sequence layout) or T (replicated)."""
-        if self.tp_size == 1 or self.config.output_layout == "replicated":
+        """Rows of the output for T tokens this step: ceil((T + pad) / tp) (sequence layout, pad =
+        the engine's padding) or T (replicated)."""
+        step = self.step_layout()
+        if step.layout == "replicated":
             return tokens
-        return (tokens + self.tp_size - 1) // self.tp_size
+        return (tokens + step.pad + self.tp_size - 1) // self.tp_size
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        step = self.step_layout()
+        if step.layout == "sequence" and step.pad:
+            x = torch.cat([x, x.new_zeros((step.pad, x.shape[1]))])  # the engine's padding rows
         tokens = x.shape[0]
         weight = self._forward_weight(tokens)
         plan = self._plan(tokens)
@@ -468,7 +555,7 @@ class FlashComm2OProj(nn.Module):
             )
         else:
             out = self._otp_forward(x, weight, bias, plan, spec)
-        if self.config.output_layout == "replicated" and self.tp_size > 1:
+        if step.layout == "replicated" and self.tp_size > 1:
             gathered = torch.empty((self.tp_size * out.shape[0], out.shape[1]), dtype=out.dtype, device=out.device)
             all_gather_single(gathered, out, group=self.groups.tp_group)
             out = gathered[:tokens]

@@ -113,17 +113,20 @@ def gemm_kernel(
                            stride_as, stride_am, stride_ak, stride_wn, stride_wk, stride_rs, stride_rm,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION, QUANT)
         # A whole tile is final: stored with the epilogue. A piece goes to the workspace for the
-        # fix-up. Masked stores rather than a branch: with a branch bishengir stages the fp32 tile
-        # through UB and overflows it at 128 x 256.
-        whole = (lo == 0) & (hi == iters)
-        piece = (lo < hi) & ((lo != 0) | (hi != iters))
+        # fix-up. Row limits rather than a branch (with a branch bishengir stages the fp32 tile
+        # through UB and overflows it at 128 x 256) or boolean scalars (`vector & scalar_bool`
+        # types as int32 in upstream Triton 3.9's interpreter): 0 <= lo and hi <= iters, so the
+        # segment is the whole tile exactly when it spans all iterations.
+        span = hi - lo
+        c_rows = tl.where(span == iters, M, 0)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        store_tile(acc, c_ptr, bias_ptr, rm, rn, (rm < M) & whole, rn < N, stride_cm, stride_cn, HAS_BIAS, ACCUMULATE)
+        store_tile(acc, c_ptr, bias_ptr, rm, rn, rm < c_rows, rn < N, stride_cm, stride_cn, HAS_BIAS, ACCUMULATE)
         if SPLIT:  # compiled only for split-K / stream-K: a second store of the tile costs UB
             slot = worker * slots_per_worker + part
+            p_rows = tl.where(span < iters, tl.where(span > 0, BLOCK_M, 0), 0)
             tl.store(partial_ptr + partial_tile_offsets(slot, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N, 0, 0), acc,
-                     mask=((tl.arange(0, BLOCK_M) < BLOCK_M) & piece)[:, None])
+                     mask=(tl.arange(0, BLOCK_M) < p_rows)[:, None])
 
 
 @triton.jit

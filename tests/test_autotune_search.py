@@ -212,3 +212,32 @@ def test_measure_everywhere_classifies_failures_on_one_process():
     assert measure_everywhere(build(ValueError("config.chunks=0")), policy, comm).status == "infeasible"
     failed = measure_everywhere(build(RuntimeError("device lost")), policy, comm)
     assert failed.status == FAILED and failed.reason == "rank 0: RuntimeError: device lost"
+
+
+def test_twins_announced_out_of_order_measure_once(tmp_path):
+    """The race two workers hit: the younger trial of a config announces and reads first (sees
+    nobody), then the older one announces. The older must defer to the younger, not measure too;
+    and when the younger saw the older, the younger defers and the older measures."""
+    from autotune.search import VERDICT
+
+    space = Space()
+    key = space.key(space.default_params())
+    for younger_first in (True, False):
+        study, _ = _study(tmp_path / f"race-{younger_first}")
+        driver = SearchDriver(study, space, target=5, sweep=False)
+        older, younger = study.ask(), study.ask()
+        first, second = (younger, older) if younger_first else (older, younger)
+        first.set_user_attr("config_key", key)
+        settled_first = driver._settle_repeat(first, key)
+        second.set_user_attr("config_key", key)
+        settled_second = driver._settle_repeat(second, key) if younger_first else None
+        if not younger_first:
+            # the older saw nobody; the younger sees the older running and defers to it
+            assert driver._settle_repeat(second, key) is True
+            assert settled_first is False
+            assert study.get_trials()[younger.number].user_attrs[VERDICT] == "defer"
+            continue
+        assert settled_first is False and settled_second is True
+        states = {t.number: t.state for t in study.get_trials()}
+        assert states[older.number] == TrialState.PRUNED and states[younger.number] == TrialState.RUNNING
+        assert study.get_trials()[older.number].user_attrs["duplicate_of_running"] == younger.number

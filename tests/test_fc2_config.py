@@ -66,10 +66,10 @@ def test_validate_accepts():
 def test_messages_say_what_to_change():
     with pytest.raises(FC2ConfigError) as info:
         FC2Config(otp_size=3).validate(8)
-    assert "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE" in str(info.value) and "divisor of 8" in str(info.value)
+    assert "FC2_OTP_SIZE" in str(info.value) and "divisor of 8" in str(info.value)
     with pytest.raises(FC2ConfigError) as info:
         FC2Config(otp_size=0, o_shared=True).validate(8)
-    assert "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED=0" in str(info.value)
+    assert "FC2_O_SHARED=0" in str(info.value)
 
 
 def test_from_env_defaults_follow_vllm_ascend():
@@ -79,8 +79,8 @@ def test_from_env_defaults_follow_vllm_ascend():
 
 def test_from_env_reads_every_variable():
     env = {
-        "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "2",
-        "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1",
+        "FC2_OTP_SIZE": "2",
+        "FC2_O_SHARED": "1",
         "FC2_PREFETCH_STEP": "3",
         "FC2_OUTPUT_LAYOUT": "replicated",
         "FC2_SCHEDULE": "sequential",
