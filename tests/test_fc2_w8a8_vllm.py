@@ -98,7 +98,7 @@ def _compare(case: str, bias: bool):
     state = _vllm_ready()
     world, rank = dist.get_world_size(), dist.get_rank()
     activations, kind, scheme = CASES[case]
-    directory = os.path.join(state["directory"], f"w8a8-{case}")
+    directory = os.path.join(state["shared"], f"w8a8-{case}")
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as handle:  # the checkpoint's config
         json.dump({"architectures": ["LlamaForCausalLM"], "quantization_config": quantization_config(activations)},
