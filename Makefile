@@ -47,7 +47,7 @@ test-lowering: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready
 #    decisions against vllm-ascend's fetched source. Only the tests marked vllm_env: the other test
 #    modules need packages this env lacks. vLLM's CPU engine treats the CPU as its device: no
 #    simulated-device placement check there (FC2_STRICT_PLACEMENT=0).
-VLLM_TESTS := tests/test_fc2_hf.py tests/test_fc2_vllm.py $(sort $(wildcard tests/test_engine_*.py))
+VLLM_TESTS := tests/test_fc2_hf.py tests/test_fc2_vllm.py tests/test_fc2_w8a8_vllm.py $(sort $(wildcard tests/test_engine_*.py))
 test-vllm: $(VLLM_ENV)/.ready $(VLLM_ENV)/.fc2-installed $(VLLM_ASCEND_SRC)/.ready
 	FC2_VLLM_ASCEND_SRC=$(VLLM_ASCEND_SRC) TRITON_INTERPRET=1 FC2_STRICT_PLACEMENT=0 $(VLLM_ENV)/bin/python -m pytest -q -m vllm_env \
 		$(PYTEST_ARGS) $(VLLM_TESTS)
@@ -86,9 +86,10 @@ autotune: $(ASCEND_ENV)/.ready
 	$(ASCEND_ENV)/bin/python -m autotune
 
 # Benchmarks (side by side with the reference, ratios; CSV + tables in results/): the overlapped
-# all-to-all + GEMM schedules, then o_shared's prefetch.
+# all-to-all + GEMM schedules, W8A8 against bf16, then o_shared's prefetch.
 bench: $(ASCEND_ENV)/.ready
 	$(ASCEND_ENV)/bin/python -m bench.bench_a2a_gemm
+	$(ASCEND_ENV)/bin/python -m bench.bench_w8a8
 	$(ASCEND_ENV)/bin/python -m bench.bench_prefetch
 
 envs: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready $(VLLM_ENV)/.ready

@@ -89,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pull", action="store_true",
                    help="give calls a symmetric heap so the 'pull' schedule is tuned too (for callers that pass "
                         "kernels.A2AGemmContext(group, max_input_bytes=...); fc2.FlashComm2OProj does not)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "int8"), default="bfloat16",
+                   help="the model dtype; int8 = W8A8 (int8 W_o and activations, bf16 model; tables keyed dtype=int8)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per trial (default 5; CPU 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed samples per trial, each N back-to-back calls (graph replay / device events; "
                         "autotune.timing) (default 20; CPU 3)")

@@ -37,7 +37,9 @@ CHUNK_CHOICES = (2, 4, 8)
 #: gemm_reduce_scatter's pipeline depth (1 = the plain GEMM then one reduce-scatter).
 RS_CHUNK_CHOICES = (1, 2, 4, 8)
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: ``int8``: the W8A8 path (int8 W_o and activations, bf16 model: `kernels.W8A8`; tuned with
+#: dynamic per-token activations, the larger kernel; its tables serve static W8A8 too).
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def schedule_parameters(name: str) -> dict[str, tuple]:
@@ -128,7 +130,7 @@ class GemmParameters:
     def __init__(self, device_kind: str, default: GemmConfig, dtype_bytes: int):
         self.device_kind = device_kind
         self.dtype_bytes = dtype_bytes
-        space = gemm_search_space(device_kind)
+        space = gemm_search_space(device_kind, dtype_bytes=dtype_bytes)
         # Compile options of another device (num_warps on Ascend, multibuffer on CUDA, all of them
         # in the interpreter) change nothing here: the default takes the space's value for them,
         # so configs that would run identically are one config.
@@ -244,7 +246,7 @@ class A2AGemmSpace(Space):
             self.heap_missing = heap_missing(p.device_kind)
         default_schedule = choose_schedule(p.tokens, p.k_local, p.n, p.group_size, p.device_kind,
                                            heap=self.heap_missing is None)
-        default_gemm = default_gemm_config(p.rows, p.n, p.gemm_k, p.device_kind)
+        default_gemm = default_gemm_config(p.rows, p.n, p.gemm_k, p.device_kind, p.dtype_bytes)
         self.gemm = GemmParameters(p.device_kind, default_gemm, p.dtype_bytes)
         self.default = A2AGemmConfig(schedule=default_schedule, gemm=self.gemm.default)
         self.schedules = tuple(sorted(SCHEDULES))
@@ -333,7 +335,8 @@ class GemmReduceScatterSpace(Space):
         self.rows_per_rank = -(-p.tokens // p.tp)  # after the reduce-scatter: ceil(T / tp)
         m = self.rows_per_rank * p.otp
         self.default_chunks = default_rs_chunks(self.rows_per_rank, p.n, p.otp, p.device_kind)
-        self.gemm = GemmParameters(p.device_kind, default_gemm_config(m, p.n, p.gemm_k, p.device_kind), p.dtype_bytes)
+        self.gemm = GemmParameters(p.device_kind, default_gemm_config(m, p.n, p.gemm_k, p.device_kind, p.dtype_bytes),
+                                   p.dtype_bytes)
         self.default_gemm = self.gemm.default
         self.chunk_choices = _union(RS_CHUNK_CHOICES, self.default_chunks)
 

@@ -22,7 +22,9 @@ from kernels.recv_gemm import gemm
 from .space import Problem
 from .timing import Clock, graph_api
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+#: The W8A8 problems' ``dtype``: int8 weights and activations, ``DTYPES[...]`` the model dtype.
+INT8 = "int8"
 
 
 class Target:
@@ -39,6 +41,22 @@ class Target:
 
     def _randn(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=self.generator) * scale).to(self.dtype).to(self.device)
+
+    @property
+    def int8(self) -> bool:
+        return self.problem.dtype == INT8
+
+    def _weight(self, n: int, k: int) -> torch.Tensor:
+        """The W_o (shard) a trial multiplies by: float, or int8 for W8A8 (with `_w8a8`'s scales)."""
+        if not self.int8:
+            return self._randn(n, k, scale=k ** -0.5)
+        return torch.randint(-127, 128, (n, k), generator=self.generator, dtype=torch.int8).to(self.device)
+
+    def _w8a8(self, n: int):
+        """W8A8 with dynamic per-token activations (the larger kernel: what the tables serve)."""
+        import kernels
+
+        return kernels.W8A8((torch.rand(n, generator=self.generator) * 1e-3).to(self.device))
 
     def build(self, config: Any) -> Callable[[], Any]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -70,11 +88,16 @@ class A2AGemmTarget(Target):
         p = problem
         self.group = groups.odp_group
         self.x = self._randn(p.tokens, p.k_local)
-        self.weight = self._randn(p.n, p.gemm_k, scale=p.gemm_k ** -0.5)
-        # As A2AGemmSpace assumes: a heap only when asked for (and possible).
+        self.weight = self._weight(p.n, p.gemm_k)
+        self.spec = self._w8a8(p.n) if self.int8 else None
+        # As A2AGemmSpace assumes: a heap only when asked for (and possible); W8A8 puts its int8
+        # rows there.
         heap_bytes = None
         if p.heap and p.group_size > 1 and heap_missing(p.device_kind) is None:
-            heap_bytes = self.x.numel() * self.x.element_size()
+            row = p.k_local * self.x.element_size()
+            if self.spec is not None:
+                row = max(row, self.spec.row_bytes(p.k_local))
+            heap_bytes = max(1, p.tokens * row)
         self._own_context = self.group is not groups.tp_group
         if self._own_context:  # not the TP group (no module runs all_to_all_gemm there): a context of its own
             self.context = A2AGemmContext(self.group, max_input_bytes=heap_bytes)
@@ -100,16 +123,30 @@ class A2AGemmTarget(Target):
         if p.rows:
             # Compile (and run once) the GEMM this config launches, on local data: a config that
             # does not compile fails here on every rank, before any collective.
-            blocks = torch.zeros(p.group_size, p.rows, p.k_local, dtype=self.dtype, device=self.device)
-            gemm(blocks, self.weight, config=config.gemm)
+            _compile_gemm(self, (p.group_size, p.rows, p.k_local), config.gemm)
         schedule = config.schedule or "auto"
         return lambda: kernels.all_to_all_gemm(self.x, self.weight, self.group, schedule=schedule, config=config,
-                                               context=self.context)
+                                               context=self.context, w8a8=self.spec)
 
     def reference(self) -> Callable[[], Any]:
-        from kernels import reference_all_to_all_gemm
+        from kernels import reference_all_to_all_gemm, reference_all_to_all_w8a8
 
+        if self.spec is not None:
+            return lambda: reference_all_to_all_w8a8(self.x, self.weight, self.group, w8a8=self.spec)
         return lambda: reference_all_to_all_gemm(self.x, self.weight, self.group)
+
+
+def _compile_gemm(target: Target, shape: tuple, config: Any) -> None:
+    """Run the GEMM ``config`` launches once on zeros of A's ``shape`` ``[S, M, K_s]`` (float, or
+    int8 with dynamic row scales for W8A8): compiles it locally, no collective."""
+    from kernels.gemm_kernel import Int8Scales
+
+    if not target.int8:
+        gemm(torch.zeros(shape, dtype=target.dtype, device=target.device), target.weight, config=config)
+        return
+    scales = Int8Scales(torch.ones(target.weight.shape[0], device=target.device),
+                        torch.ones(shape[:2], device=target.device), target.dtype)
+    gemm(torch.zeros(shape, dtype=torch.int8, device=target.device), target.weight, config=config, scales=scales)
 
 
 class GemmReduceScatterTarget(Target):
@@ -123,16 +160,26 @@ class GemmReduceScatterTarget(Target):
         p = problem
         self.group = groups.otp_group
         self.rows_per_rank = -(-p.tokens // p.tp)
-        self.a = self._randn(p.group_size, p.otp * self.rows_per_rank, p.k_local)
-        self.weight = self._randn(p.n, p.gemm_k, scale=p.gemm_k ** -0.5)
+        shape = (p.group_size, p.otp * self.rows_per_rank, p.k_local)
+        self.weight = self._weight(p.n, p.gemm_k)
+        self.scales = None
+        if self.int8:  # the received int8 rows and their per-(source, row) scales
+            from kernels.gemm_kernel import Int8Scales
+
+            self.a = torch.randint(-127, 128, shape, generator=self.generator, dtype=torch.int8).to(self.device)
+            self.scales = Int8Scales(self._w8a8(p.n).weight_scale, torch.rand(shape[:2], generator=self.generator)
+                                     .to(self.device) * 1e-2, self.dtype)
+        else:
+            self.a = self._randn(*shape)
 
     def build(self, config: Any) -> Callable[[], Any]:
         from kernels.gemm_reduce_scatter import gemm_reduce_scatter
 
         if self.a.shape[1]:
-            gemm(self.a, self.weight, config=config["gemm"])
+            _compile_gemm(self, tuple(self.a.shape), config["gemm"])
         chunks = config["chunks"]
-        return lambda: gemm_reduce_scatter(self.a, self.weight, self.group, chunks=chunks, config=config["gemm"])
+        return lambda: gemm_reduce_scatter(self.a, self.weight, self.group, chunks=chunks, config=config["gemm"],
+                                           scales=self.scales)
 
     def reference(self) -> Callable[[], Any]:
         from kernels.collectives import reduce_scatter_single
@@ -143,7 +190,12 @@ class GemmReduceScatterTarget(Target):
 
         def run():
             a = self.a.transpose(0, 1).reshape(-1, flat_k)  # vllm-ascend's copy
-            partial = torch.matmul(a, self.weight.t())
+            if self.scales is not None:  # W8A8: int8 matmul, dequantized (per token over all heads)
+                from kernels.reference import _int_matmul
+
+                partial = (_int_matmul(a, self.weight.t()).float() * self.scales.col_scale).to(self.dtype)
+            else:
+                partial = torch.matmul(a, self.weight.t())
             if self.group is None:
                 out.copy_(partial)
             else:

@@ -3,6 +3,8 @@
 - `FC2Config` (``fc2.config``): otp size, o_shared, prefetch step, output layout; ``from_env()``.
 - `build_groups` / `FC2Groups` / `memberships` (``fc2.groups``): TP, OTP, ODP and sharing groups.
 - `FlashComm2OProj` (``fc2.oproj``): the drop-in for ``RowParallelLinear`` as ``o_proj``.
+- ``fc2.quant``: which quantized o_proj it takes (`classify` an engine's layer -> a `W8A8Spec` for
+  ``FlashComm2OProj(quant=...)``, or a skip reason naming the scheme).
 - ``fc2.memory``: W_o bytes per rank in each mode.
 - ``fc2.vllm``: the vLLM general plugin (FlashComm2 at model construction, turned on by ``FC2_*``
   variables), ``patch_model``, ``worker_report``; ``fc2.vllm_ascend``: the rules beside vllm-ascend;

@@ -16,6 +16,16 @@ or all ``[T, D]`` on every rank (``"replicated"``).
   reduce-scattered in the OTP group (plain or pipelined), and OTP rank d of group i keeps chunk
   ``d*g + i`` = its own TP rank: token chunk r on TP rank r.
 
+**W8A8** (``quant=fc2.quant.W8A8Spec(...)``, from `fc2.quant.classify` of the engine's o_proj):
+the module holds the scheme's parameters under the scheme's names (vllm-ascend's ``weight``,
+``weight_scale``, ``weight_offset``, ``deq_scale``, ``quant_bias``, ``input_scale``,
+``input_offset``; compressed-tensors' ``weight``, ``weight_scale``, ``input_scale``,
+``input_zero_point``; `fc2.quant.parameter_layout`), loads full checkpoint tensors through the same
+``weight_loader`` (the int8 weight's K-shard kept), and quantizes x on the send side: int8 goes
+over the wire (`kernels.quantize`), the GEMM is int8 x int8, the output in ``params_dtype``. The
+kernels' scales and the once-added float32 bias are derived from the loaded tensors at the first
+forward after a load (`fc2.quant.dequantization`).
+
 The forward weight comes from one method, `_forward_weight` (o_shared replaces its source via
 `set_weight_source`); ``layer_idx`` is stored (taken from a vLLM prefix like
 ``model.layers.7.self_attn.o_proj`` when not given) for o_shared's layer ownership.
@@ -59,8 +69,10 @@ from kernels.all_to_all_gemm import A2AGemmConfig
 from kernels.collectives import all_gather_single
 from kernels.gemm_config import GemmConfig
 from kernels.gemm_reduce_scatter import gemm_reduce_scatter, pipeline_positions, plan_chunks
+from kernels.quantize import quantize_rows, received_operands
 from kernels.symmetric_heap import heap_support
 
+from . import quant as w8a8
 from . import tuned_tables
 from .config import ENV_PULL_MAX_TOKENS, FC2Config, FC2ConfigError
 from .groups import FC2Groups, default_groups, single_rank_groups
@@ -145,6 +157,7 @@ class FlashComm2OProj(nn.Module):
         groups: `FC2Groups` (default: the registry's groups of the world for ``config.otp_size``).
         layer_idx: this layer's index in the model (default: from ``prefix``).
         return_bias: as vLLM's ``RowParallelLinear``: False returns only the output.
+        quant: a `fc2.quant.W8A8Spec` for an int8 W_o (None: the float W_o in ``params_dtype``).
     """
 
     def __init__(
@@ -160,6 +173,7 @@ class FlashComm2OProj(nn.Module):
         groups: Optional[FC2Groups] = None,
         layer_idx: Optional[int] = None,
         return_bias: bool = True,
+        quant: Optional[w8a8.W8A8Spec] = None,
     ) -> None:
         super().__init__()
         config = FC2Config() if config is None else config
@@ -193,6 +207,13 @@ class FlashComm2OProj(nn.Module):
                 f"input_size={input_size} is not divisible by tp={groups.tp_size} (heads * head_dim must split "
                 f"evenly over the TP ranks)"
             )
+        if quant is not None and not isinstance(quant, w8a8.W8A8Spec):
+            raise TypeError(f"quant: expected a fc2.quant.W8A8Spec or None, got {type(quant).__name__}")
+        if quant is not None and config.o_shared:
+            raise FC2ConfigError(
+                f"{prefix or 'FlashComm2OProj'}: o_shared with a quantized W_o ({quant.name}) is not supported; "
+                f"set VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED=0 or keep this o_proj unpatched"
+            )
         if config.pull_max_tokens and groups.tp_size > 1:
             missing = heap_support(platform.device_kind())
             if missing:  # here, identically on every rank, not at the first forward's collective
@@ -215,8 +236,23 @@ class FlashComm2OProj(nn.Module):
         self.shard_size = input_size // config.otp_size
         dtype = params_dtype or torch.get_default_dtype()
         self.params_dtype = dtype
-        self.weight = nn.Parameter(torch.empty(output_size, self.shard_size, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.quant = quant
+        #: W8A8: names of the scheme's parameters (the weight first); loads since the kernels'
+        #: operands were derived (`_dequantization`).
+        self.quant_params: tuple = ()
+        self._loads = 0
+        self._derived: Optional[tuple] = None
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(output_size, self.shard_size, dtype=dtype), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
+        else:
+            for name, (shape, param_dtype) in w8a8.parameter_layout(quant, output_size, self.shard_size, dtype).items():
+                param = nn.Parameter(torch.zeros(shape, dtype=param_dtype), requires_grad=False)
+                param.weight_loader = self.weight_loader
+                self.register_parameter(name, param)
+            self.quant_params = tuple(w8a8.parameter_layout(quant, output_size, self.shard_size, dtype))
+            # sum_k W[n, k] over the checkpoint's full K: compressed-tensors' zero-point correction
+            self.register_buffer("weight_column_sums", torch.zeros(output_size, dtype=torch.int64), persistent=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -257,16 +293,39 @@ class FlashComm2OProj(nn.Module):
                     f"{name}.weight: checkpoint tensor has shape {tuple(loaded_weight.shape)}, expected the full "
                     f"W_o {expected} (output_size, input_size); this rank keeps {tuple(param.shape)}"
                 )
+            if self.quant is not None and loaded_weight.dtype != torch.int8:
+                raise TypeError(f"{name}.weight: checkpoint tensor is {loaded_weight.dtype}; {self.quant.name} "
+                                f"stores an int8 W_o")
             start, end = self.shard_columns
             param.data.copy_(loaded_weight[:, start:end])
+            if self.quant is not None:
+                self.weight_column_sums.copy_(loaded_weight.to(torch.int64).sum(dim=1))
+                self._loads += 1
+        elif self.quant is not None and any(param is getattr(self, n) for n in self.quant_params[1:]):
+            self._load_quant_param(param, loaded_weight)
         elif self.bias is not None and param is self.bias:
             if tuple(loaded_weight.shape) != (self.output_size,):
                 raise ValueError(
                     f"{name}.bias: checkpoint tensor has shape {tuple(loaded_weight.shape)}, expected ({self.output_size},)"
                 )
             param.data.copy_(loaded_weight)
+            self._loads += 1  # W8A8: the once-added bias is derived from it
         else:
-            raise ValueError(f"{name}: weight_loader got a parameter that is neither this module's weight nor its bias")
+            raise ValueError(f"{name}: weight_loader got a parameter that is not one of this module's "
+                             f"({', '.join(n for n, _ in self.named_parameters(recurse=False))})")
+
+    def _load_quant_param(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """A scale / offset / bias tensor of the W8A8 scheme: the full tensor (they are per output
+        channel or per tensor, never sharded); ``[N]`` and ``[N, 1]`` are the same, as are a
+        0-d scalar and ``[1]`` (vLLM's loaders reshape scalars so)."""
+        label = f"{self.prefix or 'FlashComm2OProj'}.{next(n for n in self.quant_params if getattr(self, n) is param)}"
+        if loaded.numel() != param.numel() or (loaded.dim() > 1 and tuple(loaded.shape) != tuple(param.shape)):
+            raise ValueError(f"{label}: checkpoint tensor has shape {tuple(loaded.shape)}, expected "
+                             f"{tuple(param.shape)} ({self.quant.name})")
+        if loaded.dtype != param.dtype and not (loaded.is_floating_point() and param.is_floating_point()):
+            raise TypeError(f"{label}: checkpoint tensor is {loaded.dtype}, expected {param.dtype} ({self.quant.name})")
+        param.data.copy_(loaded.reshape(param.shape).to(param.dtype))
+        self._loads += 1
 
     def load_weight_shard(self, shard: torch.Tensor) -> None:
         """Load this rank's part of W_o directly (``[output_size, input_size / otp_size]``: the
@@ -277,6 +336,23 @@ class FlashComm2OProj(nn.Module):
                 f"{tuple(self.weight.shape)} (columns {self.shard_columns} of the full W_o)"
             )
         self.weight.data.copy_(shard)
+        if self.quant is not None:
+            if self.otp_size > 1 and self.quant.asymmetric and self.quant.format == "compressed-tensors":
+                raise ValueError(f"{self.prefix or 'FlashComm2OProj'}: the zero-point correction of "
+                                 f"{self.quant.name} needs sum_k W over the full K: load the full checkpoint "
+                                 f"tensor through weight_loader")
+            self.weight_column_sums.copy_(shard.to(torch.int64).sum(dim=1))
+            self._loads += 1
+
+    def _dequantization(self) -> "w8a8.Dequantization":
+        """W8A8: the kernels' `kernels.W8A8` and the once-added float32 bias, derived from the loaded
+        tensors (again after any new load). Local, no collective."""
+        if self._derived is None or self._derived[0] != self._loads:
+            params = {name: getattr(self, name).detach() for name in self.quant_params}
+            bias = None if self.bias is None or self.skip_bias_add else self.bias.detach()
+            derived = w8a8.dequantization(self.quant, params, bias, self.weight_column_sums, self.params_dtype)
+            self._derived = (self._loads, derived)
+        return self._derived[1]
 
     def set_weight_source(self, source: Optional[Callable[[int], torch.Tensor]]) -> None:
         """Where `forward` gets W_o from: ``source(tokens)`` (o_shared: the series' weight for this
@@ -324,7 +400,8 @@ class FlashComm2OProj(nn.Module):
 
         o = 1: ``fc2.tuned_tables.lookup_a2a_gemm_config`` (an `A2AGemmConfig` for
         ``all_to_all_gemm`` in the TP group). o > 1: ``lookup_gemm_reduce_scatter_config`` (a dict
-        with ``chunks`` and ``gemm``). No matching table means heuristics."""
+        with ``chunks`` and ``gemm``). No matching table means heuristics. W8A8 modules read the
+        tables keyed ``dtype=int8``."""
         dtype = self.weight.dtype
         if self.otp_size == 1:
             return tuned_tables.lookup_a2a_gemm_config(
@@ -374,7 +451,12 @@ class FlashComm2OProj(nn.Module):
         if not self.config.pull_max_tokens:
             return None
         element = torch.empty((), dtype=self.params_dtype).element_size()
-        return self.config.pull_max_tokens * self.input_size_per_partition * element
+        row = self.input_size_per_partition * element
+        if self.quant is not None:  # the int8 rows (and their scales) go into the heap instead
+            from kernels.quantize import packed_row_bytes
+
+            row = max(row, packed_row_bytes(self.input_size_per_partition, self.quant.activations == "dynamic"))
+        return self.config.pull_max_tokens * row
 
     def a2a_context(self) -> "kernels.A2AGemmContext":
         """The TP group's shared `kernels.A2AGemmContext` for this module's heap size (made on
@@ -396,7 +478,10 @@ class FlashComm2OProj(nn.Module):
                 f"replicated layout), got shape {tuple(x.shape)}"
             )
         weight = self.weight
-        if x.dtype != weight.dtype:
+        if self.quant is not None and x.dtype != self.params_dtype:
+            raise TypeError(f"{name}: x: dtype {x.dtype}; this {self.quant.name} o_proj (int8 W_o) takes and returns "
+                            f"params_dtype {self.params_dtype}")
+        if self.quant is None and x.dtype != weight.dtype:
             raise TypeError(f"{name}: x: dtype {x.dtype} differs from the weight's {weight.dtype}")
         if x.device != weight.device:
             raise ValueError(f"{name}: x on {x.device}, weight on {weight.device}; expected the same device")
@@ -454,15 +539,22 @@ class FlashComm2OProj(nn.Module):
         weight = self._forward_weight(tokens)
         plan = self._plan(tokens)
         bias = None if self.skip_bias_add else self.bias
-        if self.tp_size == 1:
+        spec = None
+        if self.quant is not None:
+            derived = self._dequantization()
+            spec, bias = derived.w8a8, derived.bias
+        if self.tp_size == 1 and spec is None:
             out = kernels.gemm(x, weight, bias, config=plan.a2a.gemm)
+        elif self.tp_size == 1:
+            a, scales = received_operands(quantize_rows(x, spec), x.shape[1], spec, x.dtype)
+            out = kernels.gemm(a, weight, bias, config=plan.a2a.gemm, scales=scales)
         elif self.otp_size == 1:
             out = kernels.all_to_all_gemm(
                 x, weight, self.groups.tp_group, bias=bias, schedule=plan.schedule, config=plan.a2a,
-                context=self.a2a_context(),
+                context=self.a2a_context(), w8a8=spec,
             )
         else:
-            out = self._otp_forward(x, weight, bias, plan)
+            out = self._otp_forward(x, weight, bias, plan, spec)
         if step.layout == "replicated" and self.tp_size > 1:
             gathered = torch.empty((self.tp_size * out.shape[0], out.shape[1]), dtype=out.dtype, device=out.device)
             all_gather_single(gathered, out, group=self.groups.tp_group)
@@ -484,7 +576,8 @@ class FlashComm2OProj(nn.Module):
         return odp_dest * (o * chunk) + pipeline_positions(chunk, o, rs_chunks, dest, row)
 
     def _otp_forward(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: OProjPlan
+        self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: OProjPlan,
+        spec: Optional["kernels.W8A8"] = None,
     ) -> torch.Tensor:
         tokens, k_local = x.shape
         g, o = self.groups.odp_size, self.otp_size
@@ -492,14 +585,25 @@ class FlashComm2OProj(nn.Module):
         padded = self.tp_size * chunk
         if padded == 0:
             return x.new_zeros((0, self.output_size))
-        send = x.new_zeros((padded, k_local)) if padded > tokens else x.new_empty((padded, k_local))
-        # One scattered copy (the send-side reorder); padding rows stay zero.
-        send.index_copy_(0, self.send_positions(tokens, plan.rs_chunks, x.device), x)
+        width, dtype = (k_local, x.dtype) if spec is None else (spec.row_bytes(k_local), torch.int8)
+        make = torch.zeros if padded > tokens else torch.empty
+        send = make((padded, width), dtype=dtype, device=x.device)
+        positions = self.send_positions(tokens, plan.rs_chunks, x.device)
+        # One scattered write (the send-side reorder; W8A8: fused into the quantization); padding
+        # rows stay zero (an int8 zero row with a zero scale: no contribution).
+        if spec is None:
+            send.index_copy_(0, positions, x)
+        else:
+            quantize_rows(x, spec, out=send, positions=positions.to(torch.int32))
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send, group=self.groups.odp_group)
+        blocks = received.view(g, o * chunk, width)
+        scales = None
+        if spec is not None:
+            blocks, scales = received_operands(blocks, k_local, spec, x.dtype)
         out = gemm_reduce_scatter(
-            received.view(g, o * chunk, k_local), weight, self.groups.otp_group,
-            bias=bias, chunks=plan.rs_chunks, config=plan.gemm,
+            blocks, weight, self.groups.otp_group,
+            bias=bias, chunks=plan.rs_chunks, config=plan.gemm, scales=scales,
         )
         rows = max(0, min(chunk, tokens - self.tp_rank * chunk))
         out[rows:].zero_()  # tokens >= T: zero, also where the bias was added to padding
@@ -510,4 +614,5 @@ class FlashComm2OProj(nn.Module):
             f"input_size={self.input_size}, output_size={self.output_size}, bias={self.bias is not None}, "
             f"tp={self.tp_size}, otp={self.otp_size}, layout={self.config.output_layout}, "
             f"o_shared={self.config.o_shared}, layer_idx={self.layer_idx}"
+            + (f", quant={self.quant.name}" if self.quant is not None else "")
         )

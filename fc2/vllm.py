@@ -57,9 +57,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import vllm_ascend
+from . import quant, vllm_ascend
 from .config import (
     ENV_MODULES,
+    ENV_O_SHARED,
     ENV_OTP_SIZE,
     ENV_OUTPUT_LAYOUT,
     ENV_STRICT,
@@ -168,23 +169,6 @@ class Skip:
         return f"FlashComm2: kept {self.prefix} as it is: {self.reason}"
 
 
-def quant_scheme(linear: nn.Module) -> Optional[str]:
-    """The quantization scheme of a vLLM linear (None: unquantized), e.g. ``"fp8 (Fp8LinearMethod)"``."""
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
-    method = getattr(linear, "quant_method", None)
-    if method is None or isinstance(method, UnquantizedLinearMethod):
-        return None
-    inner = getattr(method, "quant_method", None)  # vllm-ascend's AscendLinearMethod wraps the scheme
-    names = [type(method).__name__] + ([type(inner).__name__] if inner is not None else [])
-    config = getattr(linear, "quant_config", None)
-    try:
-        config_name = config.get_name() if config is not None else None
-    except (AttributeError, NotImplementedError):
-        config_name = None
-    return f"{config_name or 'quantized'} ({', '.join(names)})"
-
-
 def o_proj_replacement(
     linear: nn.Module,
     prefix: str,
@@ -208,12 +192,18 @@ def o_proj_replacement(
         return Skip(prefix, "part of a speculative-decoding draft model; FlashComm2 replaces the target model's o_proj only")
     if not isinstance(linear, RowParallelLinear):
         return Skip(prefix, f"a {type(linear).__name__}, not a RowParallelLinear: no TP reduction for FlashComm2 to replace")
-    scheme = quant_scheme(linear)
-    if scheme is not None:
+    quantization = quant.classify(linear)
+    if quantization.skip_reason:
         return Skip(
             prefix,
-            f"quantized o_proj, scheme {scheme}: FlashComm2 multiplies by an unquantized W_o and does not support "
-            f"this scheme yet; serve an unquantized o_proj, or exclude it with {ENV_MODULES}",
+            f"quantized o_proj: {quantization.skip_reason}; serve an unquantized or int8 W8A8 o_proj, or exclude it "
+            f"with {ENV_MODULES}",
+        )
+    if quantization.spec is not None and config.o_shared:
+        return Skip(
+            prefix,
+            f"quantized o_proj ({quantization.spec.name}) with o_shared: o_shared moves float W_o windows only; "
+            f"turn o_shared off ({ENV_O_SHARED}=0) to take int8 o_proj modules",
         )
     conflict = vllm_ascend.linear_conflict(linear)
     if conflict:
@@ -239,11 +229,12 @@ def o_proj_replacement(
             linear.output_size,
             bias=linear.bias is not None,
             skip_bias_add=linear.skip_bias_add,
-            params_dtype=getattr(linear, "params_dtype", None) or weight.dtype,
             prefix=getattr(linear, "prefix", "") or prefix,
             config=config,
             groups=groups,
             return_bias=getattr(linear, "return_bias", True),
+            # quant= (int8 W8A8: the scheme's parameters, loaded by name) and the model dtype
+            **quant.module_arguments(linear, quantization),
         )
 
 
@@ -356,6 +347,11 @@ def patch_model(
             outcome: Union[FlashComm2OProj, Skip] = Skip(name, all_skipped)
         else:
             outcome = o_proj_replacement(linear, name, config, groups, selected=selection.selects(name), draft=draft)
+        if carry_weights and isinstance(outcome, FlashComm2OProj) and outcome.quant is not None:
+            # A loaded quantized layer's tensors are the engine's post-processed ones (transposed,
+            # repacked, scales folded): only the checkpoint's, as they load, are the contract.
+            outcome = Skip(name, f"a loaded {outcome.quant.name} o_proj: quantized layers are replaced at model "
+                                 f"construction only, before their weights load (the plugin does; set {ENV_OTP_SIZE})")
         if isinstance(outcome, Skip):
             report.skipped[name] = outcome.reason
         else:

@@ -14,6 +14,12 @@ Schedules (the ``schedule`` argument; ``SCHEDULES`` lists those that exist):
   `A2AGemmContext` with a symmetric heap (`kernels.a2a_context`).
 - ``auto``: `choose_schedule` (documented there).
 
+**W8A8** (``w8a8=kernels.W8A8(...)``, an int8 ``weight``): every schedule sends int8 instead of
+x's dtype. x is quantized on the send side (`kernels.quantize.quantize_rows`: packed rows, the
+dynamic per-token scale in each row's tail, so one collective moves both); the receive-layout
+GEMM multiplies int8 x int8 with int32 accumulation and dequantizes (dynamic: each source block's
+rows by the scales that source computed over its own heads), output in x's dtype.
+
 Everything that can be wrong with the arguments is checked before the first collective, and
 identically on every rank (the checks read only arguments every rank shares), so a bad call
 raises everywhere and leaves the group in step.
@@ -31,6 +37,8 @@ import torch.distributed as dist
 from . import platform
 from .a2a_context import A2AGemmContext, normalized_group, pull_unavailable
 from .gemm_config import GemmConfig
+from .gemm_kernel import INT8, SUPPORTED_DTYPES, Int8Scales
+from .quantize import W8A8, quantize_rows, received_operands
 from .recv_gemm import check_operands, gemm
 from .schedules import OVERLAPPED_SCHEDULES
 
@@ -88,10 +96,35 @@ class _Call:
     chunk: int  # c = ceil(T / S)
     config: A2AGemmConfig
     context: Optional[A2AGemmContext] = None  # workspaces, heap (overlapped schedules)
+    w8a8: Optional[W8A8] = None  # int8 weight: quantize on the send side, int8 GEMM
 
     @property
     def tokens(self) -> int:
         return self.x.shape[0]
+
+    @property
+    def row_width(self) -> int:
+        """Elements per token of what is sent: K_l, or the packed int8 row's bytes."""
+        k_local = self.x.shape[1]
+        return k_local if self.w8a8 is None else self.w8a8.row_bytes(k_local)
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return self.x.dtype if self.w8a8 is None else INT8
+
+    def send_rows(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What this rank sends, ``[T, row_width]``, row t = token t: x itself (contiguous), or
+        its quantized rows (written into ``out`` when given: e.g. the pull heap's slot)."""
+        if self.w8a8 is None:
+            return self.x if self.x.is_contiguous() else self.x.contiguous()
+        return quantize_rows(self.x, self.w8a8, out=out)
+
+    def operands(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[Int8Scales]]:
+        """Received rows (``[S', m, row_width]`` or ``[m, row_width]``, any strides) as the GEMM's A
+        operand and, W8A8, its `Int8Scales` (views: no copy)."""
+        if self.w8a8 is None:
+            return rows, None
+        return received_operands(rows, self.x.shape[1], self.w8a8, self.x.dtype)
 
     def rows(self, p: int) -> int:
         """Tokens that actually exist in chunk p (c, fewer for the tail, 0 past T)."""
@@ -106,13 +139,14 @@ class _Call:
 def _sequential(call: _Call) -> torch.Tensor:
     out = call.new_output()
     m = call.rows(call.rank)
-    k_l = call.x.shape[1]
     if call.size == 1:
-        received = call.x.unsqueeze(0)
+        received = (call.x if call.w8a8 is None else call.send_rows()).unsqueeze(0)
     else:
-        # Chunk p is x[p*c : p*c + rows(p)]: consecutive, so x itself is the send buffer.
-        send = call.x.contiguous()
-        received = torch.empty((call.size * m, k_l), dtype=call.x.dtype, device=call.x.device)
+        # Chunk p is rows [p*c, p*c + rows(p)) of what is sent: consecutive, so x itself (or its
+        # quantized rows) is the send buffer.
+        send = call.send_rows()
+        width = call.row_width
+        received = torch.empty((call.size * m, width), dtype=call.wire_dtype, device=call.x.device)
         dist.all_to_all_single(
             received,
             send,
@@ -120,9 +154,10 @@ def _sequential(call: _Call) -> torch.Tensor:
             input_split_sizes=[call.rows(p) for p in range(call.size)],
             group=call.group,
         )
-        received = received.view(call.size, m, k_l)
+        received = received.view(call.size, m, width)
     if m:
-        gemm(received, call.weight, call.bias, out=out[:m], config=call.config.gemm)
+        a, scales = call.operands(received)
+        gemm(a, call.weight, call.bias, out=out[:m], config=call.config.gemm, scales=scales)
     return out
 
 
@@ -225,18 +260,47 @@ def _validate_context(context: Any, group: Optional[dist.ProcessGroup]) -> None:
         raise ValueError("context: made for another process group; create one A2AGemmContext per group")
 
 
-def _validate_pull(context: Optional[A2AGemmContext], x: torch.Tensor) -> None:
-    """What ``pull`` needs: a context with an open heap whose slots hold x (shared facts)."""
+def _validate_pull(context: Optional[A2AGemmContext], x: torch.Tensor, w8a8: Optional[W8A8]) -> None:
+    """What ``pull`` needs: a context with an open heap whose slots hold what is sent (shared facts)."""
     reason = pull_unavailable(context)
     if reason:
         raise ValueError(reason)
-    context.check_fits(x.shape[0], x.shape[1], x.dtype)
+    if w8a8 is None:
+        context.check_fits(x.shape[0], x.shape[1], x.dtype)
+    else:
+        context.check_fits(x.shape[0], w8a8.row_bytes(x.shape[1]), INT8)
+
+
+def _check_w8a8(x: Any, weight: Any, bias: Any, w8a8: Any) -> None:
+    """The int8 path's arguments: an int8 weight iff a `W8A8`; x a float tensor (the model dtype:
+    the output's); scales of the right shape, dtype and device; a float32 or x-dtype bias."""
+    if w8a8 is None:
+        if isinstance(weight, torch.Tensor) and weight.dtype == INT8:
+            raise TypeError("weight: int8 (W8A8) needs w8a8=kernels.W8A8(...) with its scales")
+        return
+    if not isinstance(w8a8, W8A8):
+        raise TypeError(f"w8a8: expected a kernels.W8A8 or None, got {type(w8a8).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: W8A8 quantizes a float x (one of {SUPPORTED_DTYPES}), got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(weight, torch.Tensor) or weight.dtype != INT8 or weight.dim() != 2:
+        raise TypeError(f"weight: W8A8 needs a 2-d int8 [N, K] weight, got {getattr(weight, 'dtype', type(weight).__name__)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight: on {weight.device}, x on {x.device}; expected the same device")
+    w8a8.check(weight.shape[0], x.device)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype not in (torch.float32, x.dtype):
+            raise TypeError(f"bias: W8A8 takes a float32 or {x.dtype} bias, got {getattr(bias, 'dtype', type(bias).__name__)}")
+        if tuple(bias.shape) != (weight.shape[0],) or bias.device != x.device:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
 
 
 def _validate(
-    x: Any, weight: Any, bias: Any, schedule: Any, config: Any, size: int
+    x: Any, weight: Any, bias: Any, schedule: Any, config: Any, size: int, w8a8: Any = None
 ) -> A2AGemmConfig:
-    check_operands("x", x, weight, bias)
+    _check_w8a8(x, weight, bias, w8a8)
+    if w8a8 is None:
+        check_operands("x", x, weight, bias)
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-d [T, K_l] tensor, got shape {tuple(x.shape)}")
     k_l = x.shape[1]
@@ -267,6 +331,7 @@ def all_to_all_gemm(
     schedule: str = "auto",
     config: Union[A2AGemmConfig, GemmConfig, Mapping[str, Any], None] = None,
     context: Optional[A2AGemmContext] = None,
+    w8a8: Optional[W8A8] = None,
 ) -> torch.Tensor:
     """All-to-all of ``x`` within ``group``, then ``@ weight^T (+ bias)``: see the module docstring.
 
@@ -280,21 +345,27 @@ def all_to_all_gemm(
         config: an `A2AGemmConfig` (or just a `GemmConfig`, or its dict form).
         context: an `A2AGemmContext` made once for ``group`` (streams, workspaces and, for
             ``pull``, the symmetric heap); needed by ``pull``, optional otherwise.
+        w8a8: with an int8 ``weight``: its `kernels.W8A8` (per-channel weight scale, static or
+            dynamic activation quantization). x is quantized before it is sent; ``bias`` may be
+            float32 (e.g. vllm-ascend's ``quant_bias * deq_scale``) or x's dtype.
 
     Returns:
         ``[ceil(T/S), N]`` in x's dtype: token chunk ``group rank`` of the dense result.
     """
     size, rank = _group_shape(group)
-    config = _validate(x, weight, bias, schedule, config, size)
+    config = _validate(x, weight, bias, schedule, config, size, w8a8)
     _validate_context(context, group)
     tokens, k_local = x.shape
     if schedule == "auto":
         # Whether the context was made with a heap that holds x: shared by every rank, whatever
         # happened to one rank's heap since (a rank that closed it raises in _validate_pull).
-        heap = context is not None and context.pull_fits(tokens, k_local, x.dtype)
+        if w8a8 is None:
+            heap = context is not None and context.pull_fits(tokens, k_local, x.dtype)
+        else:  # what goes into the heap is the int8 rows
+            heap = context is not None and context.pull_fits(tokens, w8a8.row_bytes(k_local), INT8)
         schedule = choose_schedule(tokens, k_local, weight.shape[0], size, platform.device_kind(), config, heap=heap)
     if schedule == "pull":
-        _validate_pull(context, x)
+        _validate_pull(context, x, w8a8)
     chunk = -(-tokens // size)
-    call = _Call(x, weight, bias, group, size, rank, chunk, config, context)
+    call = _Call(x, weight, bias, group, size, rank, chunk, config, context, w8a8)
     return SCHEDULES[schedule](call)

@@ -40,6 +40,19 @@ bf16, every epilogue, multibuffer on and off), where it matches to the byte:
 - L0A / L0B: the cube's ``mma_tile`` slices K into them by itself; bishengir plans no L0A / L0B
   buffers for these kernels and they never limit a tile here, so they are not modelled.
 
+**int8 (W8A8) on Ascend** (``dtype_bytes=1``, the kernel's ``QUANT`` switch), read the same way
+from bishengir over 880 int8 configs (tiles 16..256 x 64..512 x 256..1024, both modes, every
+epilogue, bf16 and fp32 output, multibuffer on and off, with and without the ``SPLIT`` variant):
+
+- L1 and L0C as above: the int8 A and W tiles (one byte each; twice with multibuffer, once when
+  bishengir drops it), the int32 accumulator ``block_m x block_n x 4`` in L0C.
+- UB: the int32 tile's dequantization (and, dynamic, the per-source-block fp32 accumulator and
+  row scales) runs on the vector cores. bishengir's first plan is exact in tile elements
+  ``t = block_m x block_n``, ``block_n`` and ``block_m`` (`INT8_UB`'s "wide" formulas); when it
+  overflows, bishengir re-plans narrower by itself (those plans are reported here as the whole UB,
+  an upper bound), and rejects the config only when its narrowest plan -- the size its "ub
+  overflow" message names ("narrow") -- overflows too.
+
 CUDA model: ``num_stages`` copies of the A and W tiles in shared memory (the software pipeline),
 against the 227 KB a Hopper block can opt in to; the real figure comes from `lowering`.
 """
@@ -104,6 +117,48 @@ def ascend_ub_bytes(block_m: int, block_n: int, dtype_bytes: int, *, has_bias: b
     return 0
 
 
+#: int8 UB plans of bishengir per (quant mode, bias, accumulate-into, SPLIT variant): (wide, narrow),
+#: functions of (t = block_m * block_n, block_n, block_m, fp32 output) in bytes. The bias rows cost
+#: 10 bytes per column with a 16-bit output (8 with fp32); the dynamic mode 32 (64 with a second
+#: tile in UB) bytes per row of the tile. See the module docstring.
+INT8_UB = {
+    ("static", False, False, False): (lambda t, n, m, f: 2 * t + 4 * n, lambda t, n, m: 2 * t + 4 * n),
+    ("static", False, False, True): (lambda t, n, m, f: (2 if f else 3) * t + 4 * n, lambda t, n, m: 2 * t + 4 * n),
+    ("static", True, False, False): (lambda t, n, m, f: 2 * t + (8 if f else 10) * n, lambda t, n, m: 2 * t + 8 * n),
+    ("static", True, False, True): (lambda t, n, m, f: 4 * t + (8 if f else 10) * n, lambda t, n, m: 4 * t + 4 * n),
+    ("static", False, True, False): (lambda t, n, m, f: 8 * t + 4 * n, lambda t, n, m: 8 * t),
+    ("static", False, True, True): (lambda t, n, m, f: 8 * t + 4 * n, lambda t, n, m: 8 * t),
+    ("static", True, True, False): (lambda t, n, m, f: 8 * t + (8 if f else 10) * n, lambda t, n, m: 8 * t),
+    ("static", True, True, True): (lambda t, n, m, f: 12 * t + (8 if f else 10) * n, lambda t, n, m: 12 * t),
+    ("dynamic", False, False, False): (lambda t, n, m, f: 8 * t + 4 * n + 32 * m, lambda t, n, m: 6 * t + 32 * m),
+    ("dynamic", False, False, True): (lambda t, n, m, f: (8 if f else 9) * t + 4 * n + 32 * m,
+                                      lambda t, n, m: 6 * t + 32 * m),
+    ("dynamic", True, False, False): (lambda t, n, m, f: 8 * t + (8 if f else 10) * n + 32 * m,
+                                      lambda t, n, m: 6 * t + 32 * m),
+    ("dynamic", True, False, True): (lambda t, n, m, f: 10 * t + (8 if f else 10) * n + 32 * m,
+                                     lambda t, n, m: 8 * t + 4 * n),
+    ("dynamic", False, True, False): (lambda t, n, m, f: 20 * t + 4 * n + 64 * m, lambda t, n, m: 16 * t),
+    ("dynamic", False, True, True): (lambda t, n, m, f: 20 * t + 4 * n + 64 * m, lambda t, n, m: 16 * t),
+    ("dynamic", True, True, False): (lambda t, n, m, f: 20 * t + (8 if f else 10) * n + 64 * m, lambda t, n, m: 16 * t),
+    ("dynamic", True, True, True): (lambda t, n, m, f: 24 * t + (8 if f else 10) * n + 64 * m, lambda t, n, m: 16 * t),
+}
+QUANT_MODES = ("static", "dynamic")
+
+
+def _ascend_int8(config: GemmConfig, quant: str, has_bias: bool, accumulate: bool, out_bytes: int) -> BudgetEstimate:
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    limits = ASCEND_LIMITS
+    tiles = (bm + bn) * bk
+    single = not config.multibuffer or 2 * tiles > limits["L1"]
+    t = bm * bn
+    wide, narrow = INT8_UB[quant, has_bias, accumulate, config.splits_k]
+    first, last = wide(t, bn, bm, out_bytes == FP32_BYTES), narrow(t, bn, bm)
+    ub = first if first <= limits["UB"] else (limits["UB"] if last <= limits["UB"] else last)
+    usage = {"L1": tiles if single else 2 * tiles, "L0C": t * FP32_BYTES, "UB": ub}
+    planned = BudgetEstimate("npu", usage, dict(limits))
+    return replace(planned, multibuffer_dropped=config.multibuffer and single and planned.fits)
+
+
 def estimate(
     config: GemmConfig,
     target: Literal["npu", "cuda"],
@@ -111,10 +166,18 @@ def estimate(
     *,
     has_bias: bool = True,
     accumulate: bool = True,
+    quant: str = "dynamic",
+    out_bytes: int = 2,
 ) -> BudgetEstimate:
     """Bytes each on-chip buffer needs for ``config`` (epilogue options default to the worst case:
-    a config the tuner picks may serve any schedule, `ring` and split-K accumulate into C)."""
+    a config the tuner picks may serve any schedule, `ring` and split-K accumulate into C).
+    ``dtype_bytes=1`` is the int8 path: ``quant`` (``"static"`` / ``"dynamic"``, default the
+    larger) and the output's element size ``out_bytes`` shape its epilogue."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
+    if target == "npu" and dtype_bytes == 1:
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant={quant!r}: the int8 budget needs one of {QUANT_MODES}")
+        return _ascend_int8(config, quant, has_bias, accumulate, out_bytes)
     if target == "npu":
         tiles = (bm * bk + bn * bk) * dtype_bytes
         # bishengir retries single-buffered when the double-buffered plan overflows L1

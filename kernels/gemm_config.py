@@ -113,8 +113,9 @@ LAUNCH_FIELDS = ("num_programs", "split_k", "stream_k", "tile_order")
 LAUNCH_DEFAULTS = {"num_programs": None, "split_k": 1, "stream_k": False, "tile_order": "grouped"}
 
 
-def default_gemm_config(m: int, n: int, k: int, device: DeviceKind) -> GemmConfig:
-    """The heuristic used until a tuned table exists.
+def default_gemm_config(m: int, n: int, k: int, device: DeviceKind, dtype_bytes: int = 2) -> GemmConfig:
+    """The heuristic used until a tuned table exists (``dtype_bytes``: the operands' element size;
+    1 = the int8 W8A8 path, whose K step is twice as many elements for the same bytes).
 
     - NPU: 128 x 128 x 256 for prefill, 32 x 128 x 256 for decode-sized M (a 32-row tile, so the
       cube does not multiply padding). The K step spans 512 bytes of a bf16 / fp16 row (1 KB of
@@ -125,15 +126,21 @@ def default_gemm_config(m: int, n: int, k: int, device: DeviceKind) -> GemmConfi
     - CUDA sm_90: 128 x 128 x 64, 8 warps, 3 stages for prefill; 64 x 64 x 128 for decode, where
       many small tiles keep all SMs busy on the N dimension.
     - Interpreter: 32 x 32 x 32, so tests exercise edges and the persistent loop cheaply.
+    - int8 (``dtype_bytes == 1``): the K step doubled (NPU 512, one 512-byte burst; CUDA 128 /
+      256 bytes, what int8 wgmma consumes per K step at the same shared memory). On NPU prefill
+      takes 64 x 128: with dynamic activations a 128 x 128 tile cannot accumulate into C (its
+      epilogue needs 256 KB of UB, `kernels.budget.INT8_UB`), and a default must serve `ring`.
     """
+    int8 = dtype_bytes == 1
     if device == "npu":
+        step = 512 if int8 else 256
         if m <= 64:
-            return GemmConfig(block_m=32, block_n=128, block_k=256, group_m=1)
-        return GemmConfig(block_m=128, block_n=128, block_k=256, group_m=8)
+            return GemmConfig(block_m=32, block_n=128, block_k=step, group_m=1)
+        return GemmConfig(block_m=64 if int8 else 128, block_n=128, block_k=step, group_m=8)
     if device == "cuda":
         if m <= 64:
-            return GemmConfig(block_m=64, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
-        return GemmConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+            return GemmConfig(block_m=64, block_n=64, block_k=256 if int8 else 128, group_m=1, num_warps=4, num_stages=4)
+        return GemmConfig(block_m=128, block_n=128, block_k=128 if int8 else 64, group_m=8, num_warps=8, num_stages=3)
     return GemmConfig(block_m=32, block_n=32, block_k=32, group_m=2)
 
 
@@ -165,6 +172,16 @@ _SPACE = {
         num_warps=(4,),
         num_stages=(1,),
     ),
+}
+
+
+#: The int8 (W8A8) path's tile choices where they differ from `_SPACE`: the K step spans the
+#: bytes the 16-bit path's does (Ascend: one 512-byte burst; CUDA: 128 bytes), and a smaller CUDA
+#: grid of kernels (each int8 kernel is compiled twice, static and dynamic, on both load paths).
+_INT8_SPACE = {
+    "npu": dict(block_k=(512,)),
+    "cuda": dict(block_n=(128, 256), block_k=(128,), num_stages=(4,)),
+    "cpu": {},
 }
 
 
@@ -202,10 +219,12 @@ def program_choices(device: DeviceKind, cores: Optional[int] = None) -> tuple:
     return (None,) + tuple(cores - r for r in RESERVED_CORES[device] if cores - r >= 1)
 
 
-def gemm_search_space(device: DeviceKind, cores: Optional[int] = None) -> Mapping[str, tuple]:
+def gemm_search_space(device: DeviceKind, cores: Optional[int] = None, dtype_bytes: int = 2) -> Mapping[str, tuple]:
     """Per-parameter choices the autotuner searches for ``device`` (tiles, compile options, and
-    the launch fields: grid size for ``cores`` cores, split-K, stream-K, tile order)."""
-    return {**_SPACE[device], **_LAUNCH_SPACE[device], "num_programs": program_choices(device, cores)}
+    the launch fields: grid size for ``cores`` cores, split-K, stream-K, tile order);
+    ``dtype_bytes=1``: the int8 path's (`_INT8_SPACE`)."""
+    tiles = {**_SPACE[device], **(_INT8_SPACE[device] if dtype_bytes == 1 else {})}
+    return {**tiles, **_LAUNCH_SPACE[device], "num_programs": program_choices(device, cores)}
 
 
 def _configs(space: Mapping[str, tuple]) -> Iterable[GemmConfig]:
@@ -226,7 +245,8 @@ def candidate_gemm_configs(
     device: DeviceKind, dtype_bytes: int = 2, cores: Optional[int] = None, *, multibuffer_dropped: bool = True
 ) -> list[GemmConfig]:
     """Every config in the search space that fits the device's on-chip budget (`kernels.budget`,
-    worst-case epilogue: bias + accumulate-into), with Ascend's K steps of whole 512-byte bursts.
+    worst-case epilogue: bias + accumulate-into; int8, ``dtype_bytes=1``: the dynamic mode's, the
+    larger), with Ascend's K steps of whole 512-byte bursts.
 
     On Ascend some candidates fit only because bishengir compiles them single-buffered (their
     ``estimate(...).multibuffer_dropped`` is true); the tuner may measure them knowingly, or leave
@@ -234,7 +254,7 @@ def candidate_gemm_configs(
     """
     from .budget import estimate
 
-    configs = _configs(gemm_search_space(device, cores))
+    configs = _configs(gemm_search_space(device, cores, dtype_bytes))
     if device == "cpu":
         return list(configs)
     chosen = []

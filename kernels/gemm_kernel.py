@@ -48,27 +48,30 @@ import triton.language as tl
 
 from . import platform
 from .gemm_config import GemmConfig, default_gemm_config
-from .tiles import partial_tile_offsets, store_tile, tile_coords, tile_product
+from .tiles import QUANT_MODES, partial_tile_offsets, store_tile, tile_coords, tile_product
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Operand dtype of the int8 path (W8A8): A and W int8, int32 accumulation, output in a float dtype.
+INT8 = torch.int8
 INT32_LIMIT = 2**31
-TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8"}
 #: Largest sub-block of a partial tile the fix-up kernel sums at once (fits Ascend's UB easily).
 FIXUP_BLOCK = (32, 128)
 
 
 @triton.jit
 def gemm_kernel(
-    a_ptr, w_ptr, bias_ptr, c_ptr, partial_ptr,
+    a_ptr, w_ptr, bias_ptr, c_ptr, partial_ptr, row_scale_ptr, col_scale_ptr,
     M, N, K_S, S, s_start, w_entry,
     stride_as, stride_am, stride_ak,
     stride_wn, stride_wk,
     stride_cm, stride_cn,
+    stride_rs, stride_rm,
     dp_tiles, sk_workers, sk_iters, slots_per_worker, diagonal,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     W_FROM_TABLE: tl.constexpr, TMA: tl.constexpr, MASK_MN: tl.constexpr, ASCEND_HINTS: tl.constexpr,
-    SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -105,9 +108,10 @@ def gemm_kernel(
         lo = tl.where(whole_tile, 0, lo)
         hi = tl.where(whole_tile, iters, hi)
         pid_m, pid_n = tile_coords(dp_tiles + t, num_pid_m, num_pid_n, diagonal, GROUP_M)
-        acc = tile_product(a_ptr, w_src, pid_m, pid_n, lo, hi, M, N, K_S, S, s_start, k_steps,
-                           stride_as, stride_am, stride_ak, stride_wn, stride_wk,
-                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION)
+        acc = tile_product(a_ptr, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, lo, hi,
+                           M, N, K_S, S, s_start, k_steps,
+                           stride_as, stride_am, stride_ak, stride_wn, stride_wk, stride_rs, stride_rm,
+                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION, QUANT)
         # A whole tile is final: stored with the epilogue. A piece goes to the workspace for the
         # fix-up. Row limits rather than a branch (with a branch bishengir stages the fp32 tile
         # through UB and overflows it at 128 x 256) or boolean scalars (`vector & scalar_bool`
@@ -188,6 +192,68 @@ class PeerWeight:
 Weight = Union[torch.Tensor, PeerWeight]
 
 
+@dataclass(frozen=True)
+class Int8Scales:
+    """Dequantization of an int8 x int8 GEMM (W8A8; the kernel's ``QUANT`` switch):
+
+        C[m, n] = col_scale[n] * sum_s row_scale[s, m] * sum_j A[s, m, j] * W[n, s*K_s + j]  (+ bias[n])
+
+    ``col_scale``: ``[N]`` float32, the per-channel factor (the weight scale; for a static
+    per-tensor activation scale, the product of both, vllm-ascend's ``deq_scale``).
+    ``row_scale``: ``[S, M]`` float32 (any strides), the activation scale of row m as source block
+    s quantized it (dynamic per-token quantization over each rank's own heads), or None (static:
+    folded into ``col_scale``; the int32 accumulator then spans the whole K walk).
+    ``out_dtype``: C's dtype when the launcher allocates it (the model dtype).
+    """
+
+    col_scale: torch.Tensor
+    row_scale: Optional[torch.Tensor] = None
+    out_dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def mode(self) -> str:
+        return "static" if self.row_scale is None else "dynamic"
+
+    def rows(self, span: slice) -> "Int8Scales":
+        """These scales for rows ``span`` of every source block (a GEMM over a row range)."""
+        if self.row_scale is None:
+            return self
+        return Int8Scales(self.col_scale, self.row_scale[:, span], self.out_dtype)
+
+    def sources(self, span: slice) -> "Int8Scales":
+        """These scales for source blocks ``span`` (a GEMM over some of the K blocks)."""
+        if self.row_scale is None:
+            return self
+        return Int8Scales(self.col_scale, self.row_scale[span], self.out_dtype)
+
+
+def _check_int8_scales(a_name: str, a: torch.Tensor, weight: Any, scales: Any) -> None:
+    if not isinstance(scales, Int8Scales):
+        raise TypeError(
+            f"scales: an int8 GEMM ({a_name} {a.dtype}, weight {weight.dtype}) needs kernels.Int8Scales, "
+            f"got {type(scales).__name__}"
+        )
+    if a.dtype != INT8 or weight.dtype != INT8:
+        raise TypeError(f"{a_name}, weight: an int8 GEMM takes int8 operands, got {a.dtype} and {weight.dtype}")
+    if scales.out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"scales.out_dtype: {scales.out_dtype} not supported; expected one of {SUPPORTED_DTYPES}")
+    col = scales.col_scale
+    if not isinstance(col, torch.Tensor) or col.dtype != torch.float32 or tuple(col.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"scales.col_scale: expected a float32 tensor of shape ({weight.shape[0]},) (one per output channel), "
+            f"got {getattr(col, 'dtype', type(col).__name__)} {tuple(getattr(col, 'shape', ()))}"
+        )
+    row = scales.row_scale
+    if row is not None and (not isinstance(row, torch.Tensor) or row.dtype != torch.float32 or row.dim() != 2):
+        raise ValueError(
+            f"scales.row_scale: expected None or a 2-d [S, M] float32 tensor, got "
+            f"{getattr(row, 'dtype', type(row).__name__)} {tuple(getattr(row, 'shape', ()))}"
+        )
+    for name, tensor in (("col_scale", col), ("row_scale", row)):
+        if tensor is not None and tensor.device != a.device:
+            raise ValueError(f"scales.{name}: on {tensor.device}, {a_name} on {a.device}; expected the same device")
+
+
 def as_source_blocks(a: torch.Tensor) -> torch.Tensor:
     """``[M, K]`` -> ``[1, M, K]``; ``[S, M, K/S]`` as is."""
     if a.dim() == 2:
@@ -197,11 +263,14 @@ def as_source_blocks(a: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"a: expected [M, K] or [S, M, K/S], got a {a.dim()}-d tensor of shape {tuple(a.shape)}")
 
 
-def check_operands(a_name: str, a: Any, weight: Any, bias: Any = None, *, peer_weight: bool = False) -> None:
+def check_operands(
+    a_name: str, a: Any, weight: Any, bias: Any = None, *, peer_weight: bool = False, scales: Any = None
+) -> None:
     """The argument checks every GEMM entry point shares (ours name their A operand ``a`` or
     ``x``): A a tensor, W a 2-d ``[N, K]`` tensor (or a `PeerWeight` with ``peer_weight``), a
     supported dtype common to all, one device, a ``[N]`` bias. A's rank and K are the launcher's
-    (`launch`), which knows the layout."""
+    (`launch`), which knows the layout. int8 operands (W8A8) need ``scales`` (`Int8Scales`); their
+    bias is float32 or the output dtype."""
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"{a_name}: expected a torch.Tensor, got {type(a).__name__}")
     kinds = (PeerWeight,) if peer_weight else (torch.Tensor,)
@@ -209,7 +278,9 @@ def check_operands(a_name: str, a: Any, weight: Any, bias: Any = None, *, peer_w
         raise TypeError(f"weight: expected a {kinds[0].__name__}, got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-d [N, K] tensor, got shape {tuple(weight.shape)}")
-    if a.dtype not in SUPPORTED_DTYPES:
+    if scales is not None or INT8 in (a.dtype, weight.dtype):
+        _check_int8_scales(a_name, a, weight, scales)
+    elif a.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{a_name}: dtype {a.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
     if weight.dtype != a.dtype:
         raise TypeError(f"weight: dtype {weight.dtype} differs from {a_name}'s {a.dtype}")
@@ -225,7 +296,10 @@ def check_operands(a_name: str, a: Any, weight: Any, bias: Any = None, *, peer_w
         raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
     if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if bias.dtype != a.dtype:
+    if scales is not None:
+        if bias.dtype not in (torch.float32, scales.out_dtype):
+            raise TypeError(f"bias: dtype {bias.dtype}; an int8 GEMM takes float32 or the output's {scales.out_dtype}")
+    elif bias.dtype != a.dtype:
         raise TypeError(f"bias: dtype {bias.dtype} differs from {a_name}'s {a.dtype}")
     if bias.device != a.device:
         raise ValueError(f"bias: on {bias.device}, {a_name} on {a.device}; expected the same device")
@@ -304,8 +378,9 @@ def kernel_switches(target: str, *, w_from_table: bool = False, tma: bool = Fals
     return dict(W_FROM_TABLE=w_from_table, TMA=tma, MASK_MN=target != "cuda", ASCEND_HINTS=target == "npu")
 
 
-def kernel_constexprs(config: GemmConfig, k_s: int, has_bias: bool, accumulate: bool) -> dict:
-    """The tile and epilogue constexprs of one launch (shared with the lowering specs)."""
+def kernel_constexprs(config: GemmConfig, k_s: int, has_bias: bool, accumulate: bool, quant: str = "none") -> dict:
+    """The tile and epilogue constexprs of one launch (shared with the lowering specs); ``quant``
+    is the int8 mode (`kernels.tiles.QUANT_MODES`: ``"none"``, ``"static"``, ``"dynamic"``)."""
     return dict(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -318,6 +393,7 @@ def kernel_constexprs(config: GemmConfig, k_s: int, has_bias: bool, accumulate: 
         # fp32 inputs multiply in full precision (CUDA would otherwise use TF32); 16-bit inputs
         # are exact in either mode.
         INPUT_PRECISION="ieee",
+        QUANT=QUANT_MODES[quant],
     )
 
 
@@ -349,6 +425,7 @@ def launch(
     s_start: int = 0,
     config: Optional[GemmConfig] = None,
     target: Optional[str] = None,
+    scales: Optional[Int8Scales] = None,
 ) -> torch.Tensor:
     """The one GEMM launcher: ``out = A @ W^T (+ bias)`` (``+= `` with ``accumulate``).
 
@@ -357,10 +434,15 @@ def launch(
     ``accumulate`` it must be float32 and the product (and bias) is added to it. ``s_start``
     rotates which source block the K walk starts with. ``target`` picks the source switches
     (default: this device; the tests choose ``"cuda"`` to run the clamped-row path interpreted).
+    ``scales``: int8 A and W (W8A8): their dequantization (`Int8Scales`); ``out`` is then
+    allocated in ``scales.out_dtype``.
     """
-    check_operands("a", a, weight, bias, peer_weight=isinstance(weight, PeerWeight))
+    check_operands("a", a, weight, bias, peer_weight=isinstance(weight, PeerWeight), scales=scales)
     blocks = as_source_blocks(a)
     s, m, k_s = blocks.shape
+    row_scale = None if scales is None else scales.row_scale
+    if row_scale is not None and tuple(row_scale.shape) != (s, m):
+        raise ValueError(f"scales.row_scale: expected shape {(s, m)} (source blocks x rows of a), got {tuple(row_scale.shape)}")
     n, k = weight.shape
     if k != s * k_s:
         raise ValueError(
@@ -376,13 +458,13 @@ def launch(
     if accumulate and (out is None or out.dtype != torch.float32):
         raise ValueError("out: accumulate=True needs a float32 out tensor to add into")
     if out is None:
-        out = torch.empty((m, n), dtype=blocks.dtype, device=blocks.device)
+        out = torch.empty((m, n), dtype=blocks.dtype if scales is None else scales.out_dtype, device=blocks.device)
     elif tuple(out.shape) != (m, n):
         raise ValueError(f"out: expected shape {(m, n)}, got {tuple(out.shape)}")
     if m == 0 or n == 0:
         return out
     target = target or platform.device_kind()
-    config = config or default_gemm_config(m, n, k, platform.device_kind())
+    config = config or default_gemm_config(m, n, k, platform.device_kind(), blocks.element_size())
     plan = plan_decomposition(config, m, n, k_s, s, platform.num_programs("cube"))
     partial = _workspace(plan, config, blocks.device)
     tma = _uses_tma(target, blocks, weight, k_s, config)
@@ -397,18 +479,24 @@ def launch(
     diagonal = int(config.tile_order == "diagonal")
     options = launch_options(config)
     peer = isinstance(weight, PeerWeight)
+    # Float launches get placeholders for the scale operands (QUANT_NONE never reads them).
+    col_arg = partial if scales is None else scales.col_scale
+    row_arg = partial if row_scale is None else row_scale
+    stride_rs, stride_rm = (0, 0) if row_scale is None else row_scale.stride()
     # For the stream recorder (a no-op otherwise): what the launch reads and writes.
-    reads = (blocks, weight.table if peer else weight, bias, out if accumulate else None)
+    reads = (blocks, weight.table if peer else weight, bias, out if accumulate else None, row_scale,
+             None if scales is None else scales.col_scale)
     peer_reads = (platform.PeerSpan(weight.table, (weight.entry,), 0, n * k * blocks.element_size()),) if peer else ()
     with platform.kernel_scope("gemm", reads, (out, partial) if plan.sk_workers else (out,), peer_reads):
         gemm_kernel[(plan.programs,)](
-            a_arg, w_arg, bias_arg, out, partial,
+            a_arg, w_arg, bias_arg, out, partial, row_arg, col_arg,
             m, n, k_s, s, s_start % s, weight.entry if peer else 0,
             blocks.stride(0), blocks.stride(1), blocks.stride(2),
             stride_wn, stride_wk,
             out.stride(0), out.stride(1),
+            stride_rs, stride_rm,
             plan.dp_tiles, plan.sk_workers, plan.sk_iters, plan.slots_per_worker, diagonal,
-            **kernel_constexprs(config, k_s, has_bias, accumulate),
+            **kernel_constexprs(config, k_s, has_bias, accumulate, "none" if scales is None else scales.mode),
             **kernel_switches(target, w_from_table=peer, tma=tma),
             **options,
         )

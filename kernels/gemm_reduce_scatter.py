@@ -25,6 +25,11 @@ Paths:
 
 The bias is added once: by group rank 0's partial. Arguments are checked before any collective,
 identically on every rank; ``A``'s shape and ``chunks`` must be equal on every rank.
+
+W8A8 (``scales``: int8 A and W, `kernels.Int8Scales`): each rank's int8 GEMM dequantizes its own
+partial (the per-channel scale and, for dynamic activations, the per-source-block row scales) and
+the partials are reduce-scattered in ``scales.out_dtype`` (the model dtype), as the float path
+reduce-scatters its own.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch.distributed as dist
 from . import platform
 from .collectives import reduce_scatter_single
 from .gemm_config import GemmConfig
+from .gemm_kernel import Int8Scales
 from .recv_gemm import _as_source_blocks, check_operands, gemm
 
 #: Rows per rank below which the heuristic uses the plain path: at decode sizes one collective
@@ -99,8 +105,8 @@ def default_rs_chunks(rows_per_rank: int, n: int, size: int, device: str) -> int
     return 4 if rows_per_rank >= 512 else 2
 
 
-def _validate(a, weight, bias, chunks, out, size: int) -> torch.Tensor:
-    check_operands("a", a, weight, bias)
+def _validate(a, weight, bias, chunks, out, size: int, scales=None) -> torch.Tensor:
+    check_operands("a", a, weight, bias, scales=scales)
     blocks = _as_source_blocks(a)
     s_src, m, k_s = blocks.shape
     if weight.shape[1] != s_src * k_s:
@@ -111,10 +117,13 @@ def _validate(a, weight, bias, chunks, out, size: int) -> torch.Tensor:
         raise ValueError(f"a: {m} rows is not a multiple of the group size {size} (M = S * rows per rank)")
     n = weight.shape[0]
     chunk_bounds(m // size, chunks)  # validates chunks
+    out_dtype = blocks.dtype if scales is None else scales.out_dtype
+    if scales is not None and scales.row_scale is not None and tuple(scales.row_scale.shape) != (s_src, m):
+        raise ValueError(f"scales.row_scale: expected shape {(s_src, m)}, got {tuple(scales.row_scale.shape)}")
     if out is not None:
-        if tuple(out.shape) != (m // size, n) or out.dtype != blocks.dtype or not out.is_contiguous():
+        if tuple(out.shape) != (m // size, n) or out.dtype != out_dtype or not out.is_contiguous():
             raise ValueError(
-                f"out: expected a contiguous {(m // size, n)} {blocks.dtype} tensor, got "
+                f"out: expected a contiguous {(m // size, n)} {out_dtype} tensor, got "
                 f"{tuple(out.shape)} {out.dtype}{'' if out.is_contiguous() else ' (not contiguous)'}"
             )
     return blocks
@@ -129,6 +138,7 @@ def gemm_reduce_scatter(
     chunks: int = 1,
     config: Optional[GemmConfig] = None,
     out: Optional[torch.Tensor] = None,
+    scales: Optional[Int8Scales] = None,
 ) -> torch.Tensor:
     """Partial GEMM on every rank of ``group``, summed and scattered: see the module docstring.
 
@@ -140,9 +150,12 @@ def gemm_reduce_scatter(
         chunks: 1 = plain path; > 1 = pipelined (capped at the rows per rank).
         config: tile config of the GEMM (None = `default_gemm_config`).
         out: optional ``[M / S, N]`` contiguous output.
+        scales: int8 ``a`` and ``weight`` (W8A8): their `kernels.Int8Scales` (row scales
+            ``[S_src, M]`` in a's row order); the partials and the output are in their
+            ``out_dtype``.
 
     Returns:
-        ``[M / S, N]`` in a's dtype: this rank's rows of the summed product.
+        ``[M / S, N]`` in a's dtype (``scales.out_dtype`` for int8): this rank's rows of the summed product.
     """
     if dist.is_available() and dist.is_initialized():
         size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -150,28 +163,30 @@ def gemm_reduce_scatter(
         raise ValueError("group: given, but torch.distributed is not initialised")
     else:
         size, rank = 1, 0
-    blocks = _validate(a, weight, bias, chunks, out, size)
+    blocks = _validate(a, weight, bias, chunks, out, size, scales)
     m = blocks.shape[1]
     rows = m // size
     n = weight.shape[0]
+    out_dtype = blocks.dtype if scales is None else scales.out_dtype
     if out is None:
-        out = torch.empty((rows, n), dtype=blocks.dtype, device=blocks.device)
+        out = torch.empty((rows, n), dtype=out_dtype, device=blocks.device)
     if m == 0 or n == 0:
         return out
     own_bias = bias if rank == 0 else None
     if size == 1:
-        return gemm(blocks, weight, own_bias, out=out, config=config)
+        return gemm(blocks, weight, own_bias, out=out, config=config, scales=scales)
     bounds = chunk_bounds(rows, chunks)
-    partial = torch.empty((m, n), dtype=blocks.dtype, device=blocks.device)
+    partial = torch.empty((m, n), dtype=out_dtype, device=blocks.device)
     if len(bounds) == 1:
-        gemm(blocks, weight, own_bias, out=partial, config=config)
+        gemm(blocks, weight, own_bias, out=partial, config=config, scales=scales)
         reduce_scatter_single(out, partial, group=group)
         return out
     pending = []
     offset = 0
     for start, end in bounds:
         span = slice(offset, offset + size * (end - start))
-        gemm(blocks[:, span], weight, own_bias, out=partial[span], config=config)
+        gemm(blocks[:, span], weight, own_bias, out=partial[span], config=config,
+             scales=None if scales is None else scales.rows(span))
         pending.append(reduce_scatter_single(out[start:end], partial[span], group=group, async_op=True))
         offset = span.stop
     for handle in pending:

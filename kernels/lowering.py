@@ -370,14 +370,16 @@ def run_bishengir_many(specs: list, arch: str, jobs: Optional[int] = None) -> li
         return [f if isinstance(f, LoweringError) else f.result() for f in futures]
 
 
-_TRITON_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+_TRITON_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i8": 1}
 
 
 def budget_estimate(spec: KernelSpec, target: str = "npu"):
     """`kernels.budget.estimate` of what ``spec`` compiles, for a GEMM kernel (tile constexprs
-    ``BLOCK_M/N/K``, operand ``a_ptr`` or ``w_ptr``); None for other kernels."""
+    ``BLOCK_M/N/K``, operand ``a_ptr`` or ``w_ptr``; int8 operands with their ``QUANT`` mode and
+    output dtype); None for other kernels."""
     from .budget import estimate
     from .gemm_config import GemmConfig
+    from .tiles import QUANT_MODES
 
     values = spec.constexprs
     operand = spec.signature.get("a_ptr", spec.signature.get("w_ptr", ""))
@@ -389,8 +391,13 @@ def budget_estimate(spec: KernelSpec, target: str = "npu"):
         split_k=2 if values.get("SPLIT") else 1,
         **({"num_warps": spec.options["num_warps"], "num_stages": spec.options["num_stages"]} if target == "cuda" else {}),
     )
-    return estimate(config, target, _TRITON_ELEMENT_BYTES[operand.lstrip("*")],
-                    has_bias=bool(values.get("HAS_BIAS")), accumulate=bool(values.get("ACCUMULATE")))
+    element = _TRITON_ELEMENT_BYTES[operand.lstrip("*")]
+    int8 = {}
+    if element == 1:
+        mode = {value: name for name, value in QUANT_MODES.items()}[values.get("QUANT", 0)]
+        int8 = dict(quant=mode, out_bytes=_TRITON_ELEMENT_BYTES[spec.signature["bias_ptr"].lstrip("*")])
+    return estimate(config, target, element, has_bias=bool(values.get("HAS_BIAS")),
+                    accumulate=bool(values.get("ACCUMULATE")), **int8)
 
 
 def compile_cuda(spec: KernelSpec, arch: int = CUDA_ARCH) -> LoweringResult:

@@ -20,7 +20,15 @@ What is listed, and why it is complete:
   dtype, the candidates with decode-sized row tiles, the masked K path.
 - ``fixup`` (`gemm_fixup_kernel`, the split-K / stream-K sum): every tile shape and tile group of
   the candidates and defaults, each output dtype and epilogue the GEMM cases have.
-- ``gather`` (`kernels.pull_gemm.gather_rows_kernel`): each dtype, masked and unmasked columns.
+- ``gemm-int8`` (the same kernel with int8 A and W, W8A8's ``QUANT`` switch, static and dynamic):
+  every kernel the int8 candidates compile to (`compiled_gemm_configs(target, 1)`) in both modes
+  with the widest epilogue (bias + accumulate), on CUDA on both load paths; the int8 defaults of
+  decode and prefill in both modes, every output dtype and epilogue; the masked K path.
+- ``fixup`` also covers the int8 candidates' tile shapes.
+- ``gather`` (`kernels.pull_gemm.gather_rows_kernel`): each dtype (int8: W8A8's packed rows),
+  masked and unmasked columns.
+- ``quantize`` (`kernels.quantize.quantize_rows_kernel`, W8A8's send side): every mode x input
+  dtype, plain and permuted, even and uneven K.
 - ``peer_copy`` (`kernels.peer_copy`): its default config for every word width.
 """
 
@@ -47,6 +55,8 @@ DECODE_M, PREFILL_M, MODEL_N, MODEL_K, MODEL_K_S = 8, 512, 7168, 16384, 1024
 UNEVEN_K_S = 1000
 #: Epilogues: (bias, accumulate into fp32).
 EPILOGUES = ((False, False), (True, False), (False, True))
+#: The int8 path's modes (`kernels.tiles.QUANT_MODES` but "none").
+QUANT_NAMES = ("static", "dynamic")
 
 
 def config_tag(config: GemmConfig) -> str:
@@ -70,23 +80,32 @@ def gemm_spec(
     w_from_table: bool = False,
     tma: bool = False,
     target: str = "npu",
+    quant: str = "none",
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> KernelSpec:
     """What a `gemm_kernel` launch with ``config`` compiles: contiguous last dimensions (unit
-    strides specialised), aligned bases and strides, as serving tensors are."""
+    strides specialised), aligned bases and strides, as serving tensors are. ``quant``: the int8
+    mode (``"static"`` / ``"dynamic"``, ``dtype`` int8): C and the bias in ``out_dtype``, scales
+    in float32, dynamic row scales ``[S, M]`` read with the receive layout's strides (the scale
+    sits in each received row's tail: `kernels.quantize`)."""
     element = TRITON_DTYPES[dtype]
+    c_element = element if quant == "none" else TRITON_DTYPES[out_dtype]
     signature = {
         "a_ptr": f"tensordesc<{element}[1, {config.block_m}, {config.block_k}]>" if tma else f"*{element}",
         "w_ptr": "*i64" if w_from_table else (
             f"tensordesc<{element}[{config.block_n}, {config.block_k}]>" if tma else f"*{element}"),
-        "bias_ptr": f"*{element}", "c_ptr": f"*{'fp32' if accumulate else element}", "partial_ptr": "*fp32",
+        "bias_ptr": f"*{c_element}", "c_ptr": f"*{'fp32' if accumulate else c_element}", "partial_ptr": "*fp32",
+        "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32",
         "M": "i32", "N": "i32", "K_S": "i32", "S": "i32", "s_start": "i32", "w_entry": "i32",
         "stride_as": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_cm": "i32",
+        "stride_rs": "i32", "stride_rm": "i32",
         "dp_tiles": "i32", "sk_workers": "i32", "sk_iters": "i32", "slots_per_worker": "i32", "diagonal": "i32",
     }
     constexprs = dict(stride_ak=1, stride_wk=1, stride_cn=1)
-    constexprs.update(kernel_constexprs(config, k_s, has_bias, accumulate))
+    constexprs.update(kernel_constexprs(config, k_s, has_bias, accumulate, quant))
     constexprs.update(kernel_switches(target, w_from_table=w_from_table, tma=tma))
-    aligned = ["bias_ptr", "c_ptr", "partial_ptr", "N", "stride_as", "stride_am", "stride_wn", "stride_cm"]
+    aligned = ["bias_ptr", "c_ptr", "partial_ptr", "row_scale_ptr", "col_scale_ptr", "N", "stride_as", "stride_am",
+               "stride_wn", "stride_cm"]
     aligned += [] if tma else ["a_ptr", "w_ptr"]
     if k_s % 16 == 0:
         aligned.append("K_S")
@@ -144,6 +163,38 @@ def _gemm_cases(target: str) -> list:
     return cases
 
 
+def _int8_cases(target: str) -> list:
+    fast = target == "cuda"
+    int8 = torch.int8
+    cases = []
+    for config in compiled_gemm_configs(target, 1):
+        tag = config_tag(config)
+        for quant in QUANT_NAMES:
+            cases.append((f"gemm-int8:candidate-{tag}-{quant}",
+                          gemm_spec(config, int8, has_bias=True, accumulate=True, tma=fast, target=target, quant=quant)))
+            if fast:
+                cases.append((f"gemm-int8:candidate-{tag}-{quant}-pointers",
+                              gemm_spec(config, int8, has_bias=True, accumulate=True, target=target, quant=quant)))
+    for m in (DECODE_M, PREFILL_M):
+        config = default_gemm_config(m, MODEL_N, MODEL_K, target, 1)
+        for quant in QUANT_NAMES:
+            for out_dtype in SUPPORTED_DTYPES:
+                for has_bias, accumulate in EPILOGUES:
+                    name = (f"gemm-int8:default-m{m}-{quant}-{TRITON_DTYPES[out_dtype]}"
+                            f"-bias{int(has_bias)}-acc{int(accumulate)}")
+                    cases.append((name, gemm_spec(config, int8, has_bias=has_bias, accumulate=accumulate, tma=fast,
+                                                  target=target, quant=quant, out_dtype=out_dtype)))
+            cases.append((f"gemm-int8:default-m{m}-{quant}-uneven-k",
+                          gemm_spec(config, int8, k_s=UNEVEN_K_S, target=target, quant=quant)))
+    return cases
+
+
+def _quantize_cases(target: str) -> list:
+    from . import quantize
+
+    return [(f"quantize:{case}", spec) for case, spec in quantize.lowering_cases(target)]
+
+
 def _peer_weight_cases(target: str) -> list:
     decode = default_gemm_config(DECODE_M, MODEL_N, MODEL_K, target)
     cases = []
@@ -163,7 +214,9 @@ def _peer_weight_cases(target: str) -> list:
 def _fixup_cases(target: str) -> list:
     cases, seen = [], set()
     defaults = [default_gemm_config(m, MODEL_N, MODEL_K, target) for m in (DECODE_M, PREFILL_M)]
-    for config in compiled_gemm_configs(target) + defaults:
+    int8 = compiled_gemm_configs(target, 1) + [default_gemm_config(m, MODEL_N, MODEL_K, target, 1)
+                                                for m in (DECODE_M, PREFILL_M)]
+    for config in compiled_gemm_configs(target) + defaults + int8:
         key = (config.block_m, config.block_n, config.group_m)
         if key in seen:
             continue
@@ -181,7 +234,7 @@ def _fixup_cases(target: str) -> list:
 
 def _gather_cases(target: str) -> list:
     return [(f"gather:{TRITON_DTYPES[dtype]}-even{int(even)}", gather_spec(dtype, even, target))
-            for dtype in SUPPORTED_DTYPES for even in (True, False)]
+            for dtype in SUPPORTED_DTYPES + (torch.int8,) for even in (True, False)]
 
 
 def _peer_copy_cases(target: str) -> list:
@@ -194,5 +247,5 @@ def all_cases(target: str) -> list:
     """(case id, KernelSpec) of every kernel over every config it may run with on ``target``."""
     if target not in ("npu", "cuda"):
         raise ValueError(f"target={target!r}: expected 'npu' or 'cuda'")
-    return (_gemm_cases(target) + _peer_weight_cases(target) + _fixup_cases(target) + _gather_cases(target)
-            + _peer_copy_cases(target))
+    return (_gemm_cases(target) + _peer_weight_cases(target) + _int8_cases(target) + _fixup_cases(target)
+            + _gather_cases(target) + _quantize_cases(target) + _peer_copy_cases(target))

@@ -20,6 +20,7 @@ from .gemm_config import GemmConfig
 from .gemm_kernel import (  # noqa: F401  (re-exported: the names other modules import from here)
     INT32_LIMIT,
     SUPPORTED_DTYPES,
+    Int8Scales,
     check_operands,
     kernel_constexprs,
     launch,
@@ -37,6 +38,7 @@ def gemm(
     accumulate: bool = False,
     s_start: int = 0,
     config: Optional[GemmConfig] = None,
+    scales: Optional[Int8Scales] = None,
 ) -> torch.Tensor:
     """``out = A @ weight^T (+ bias)`` with A as ``[M, K]`` or in receive layout ``[S, M, K/S]``.
 
@@ -44,6 +46,8 @@ def gemm(
     given. With ``accumulate=True``, ``out`` must be a float32 tensor and the product is added to
     it (``bias``, if any, is added too: pass it on one call only). ``s_start`` rotates which
     source block the K walk begins with. ``config`` picks tiles, tile order, grid size and the
-    split-K / stream-K decomposition (None = `kernels.default_gemm_config`).
+    split-K / stream-K decomposition (None = `kernels.default_gemm_config`). ``scales``: int8 A
+    and W (W8A8) and their dequantization (`kernels.Int8Scales`); the output is then in
+    ``scales.out_dtype`` and the bias float32 or that dtype.
     """
-    return launch(a, weight, bias, out=out, accumulate=accumulate, s_start=s_start, config=config)
+    return launch(a, weight, bias, out=out, accumulate=accumulate, s_start=s_start, config=config, scales=scales)

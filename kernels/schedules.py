@@ -33,6 +33,11 @@ used and before its buffers are reused; a call returns with every transfer joine
   the pull GEMM (`kernels.pull_gemm`) loads each A tile from the peer that owns it. See
   `kernels.a2a_context` for why one barrier and two slots make reuse safe (and why a graph-safe
   context uses one slot and a second barrier).
+
+With W8A8 (``call.w8a8``) each schedule moves what `_Call.send_rows` gives (x quantized to packed
+int8 rows; ``pull`` quantizes straight into its heap slot) and multiplies what it received through
+`_step_gemm` (`_Call.operands`: the int8 A and its scales); the step structure and the
+collectives are the same.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .a2a_context import A2AGemmContext, Pending
-from .pull_gemm import pull_gemm
+from .pull_gemm import gather_rows, pull_gemm
 from .recv_gemm import gemm
 
 if TYPE_CHECKING:  # the registry lives in all_to_all_gemm, which imports this module
@@ -74,11 +79,19 @@ def reserve_workspaces(
     context.reserve("ring.acc", chunk * n * 4)
 
 
+def _step_gemm(call: "_Call", rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               out: torch.Tensor, *, accumulate: bool = False, s_start: int = 0) -> torch.Tensor:
+    """One step's receive-layout GEMM on the rows it received (W8A8: int8, with their scales)."""
+    a, scales = call.operands(rows)
+    return gemm(a, weight, bias, out=out, accumulate=accumulate, s_start=s_start, config=call.config.gemm,
+                scales=scales)
+
+
 def _local_only(call: "_Call", out: torch.Tensor) -> torch.Tensor:
     """A group of one has nothing to communicate: one GEMM over x."""
     m = call.rows(0)
     if m:
-        gemm(call.x, call.weight, call.bias, out=out[:m], config=call.config.gemm)
+        _step_gemm(call, call.x if call.w8a8 is None else call.send_rows(), call.weight, call.bias, out[:m])
     return out
 
 
@@ -89,8 +102,8 @@ def chunked(call: "_Call") -> torch.Tensor:
         return out
     if size == 1:
         return _local_only(call, out)
-    x = call.x if call.x.is_contiguous() else call.x.contiguous()
-    k_local = x.shape[1]
+    x = call.send_rows()
+    k_local = x.shape[1]  # the row width sent (K_l, or a packed int8 row)
     sub = -(-chunk // min(call.config.chunks, chunk))  # rows per sub-chunk
     count = -(-chunk // sub)
     context = _context_for(call)
@@ -121,7 +134,7 @@ def chunked(call: "_Call") -> torch.Tensor:
         mine = piece(rank, i)
         if mine:
             blocks = receive[i % 2][: size * mine].view(size, mine, k_local)  # receive layout
-            gemm(blocks, call.weight, call.bias, out=out[i * sub : i * sub + mine], config=call.config.gemm)
+            _step_gemm(call, blocks, call.weight, call.bias, out[i * sub : i * sub + mine])
         pending = following
     return out
 
@@ -133,17 +146,17 @@ def ring(call: "_Call") -> torch.Tensor:
         return out
     if size == 1:
         return _local_only(call, out)
-    x = call.x if call.x.is_contiguous() else call.x.contiguous()
-    k_local = x.shape[1]
+    x = call.send_rows()
+    k_local = call.x.shape[1]
     m = call.rows(rank)
     context = _context_for(call)
     context.prepare_p2p()
     weight = call.weight
-    if x.dtype == torch.float32:
+    if call.x.dtype == torch.float32:
         acc = out[:m]  # accumulate in the output itself: nothing to cast
     else:
         acc = context.workspace("ring.acc", (m, weight.shape[0]), torch.float32, x.device)
-    buffers = [context.workspace(f"ring.recv{b}", (m, k_local), x.dtype, x.device) for b in range(2)]
+    buffers = [context.workspace(f"ring.recv{b}", (m, x.shape[1]), x.dtype, x.device) for b in range(2)]
 
     def issue(step: int) -> Pending:
         # Step t's receive buffer was last read by step t-2's GEMM, already queued.
@@ -162,12 +175,12 @@ def ring(call: "_Call") -> torch.Tensor:
 
     pending = issue(1)
     if m:  # step 0: my own heads, no communication
-        gemm(x[rank * chunk : rank * chunk + m], block_weight(rank), call.bias, out=acc, config=call.config.gemm)
+        _step_gemm(call, x[rank * chunk : rank * chunk + m], block_weight(rank), call.bias, acc)
     for step in range(1, size):
         following = issue(step + 1) if step + 1 < size else None
         pending.wait()
         if m:
-            gemm(buffers[step % 2], block_weight((rank - step) % size), out=acc, accumulate=True, config=call.config.gemm)
+            _step_gemm(call, buffers[step % 2], block_weight((rank - step) % size), None, acc, accumulate=True)
         pending = following
     if m and acc.data_ptr() != out.data_ptr():
         out[:m].copy_(acc)
@@ -179,15 +192,21 @@ def pull(call: "_Call") -> torch.Tensor:
     out = call.new_output()
     if call.chunk == 0:
         return out
+    x = call.x
+    if call.w8a8 is not None:  # quantized straight into the slot this call reads (the next pull's)
+        x = call.send_rows(out=context.input_buffer(call.tokens, call.row_width, call.wire_dtype))
     slot = context.begin_pull()
-    view, peers = context.stage_pull_input(call.x, slot)
+    view, peers = context.stage_pull_input(x, slot)
     context.heap.barrier()  # every peer's x for this call is in its slot
     m = call.rows(call.rank)
-    if m:
+    if m and call.w8a8 is None:
         pull_gemm(
             peers, view.stride(), call.rank * call.chunk, m, call.weight, call.bias,
             out=out[:m], s_start=call.rank, config=call.config.gemm,
         )
+    elif m:  # the peers' int8 rows (scales in their tails) gathered once, then the int8 GEMM
+        staged = gather_rows(peers, view.stride(), call.rank * call.chunk, m, call.row_width, call.wire_dtype)
+        _step_gemm(call, staged, call.weight, call.bias, out[:m], s_start=call.rank)
     if context.graph_safe:
         context.heap.barrier()  # one slot: no peer writes it again before every peer has read it
     return out

@@ -2,12 +2,18 @@
 
 `kernels.gemm_kernel` is one GEMM body whose A and W tiles come from different places (compile-time
 switches); the tile walk, the K walk, the loads and the epilogues it shares with its stream-K
-fix-up kernel live here. They are lowered through the kernels that call them, so they have no
+fix-up kernel live here, and the rounding of W8A8's send-side quantization (`round_half_even`). They are lowered through the kernels that call them, so they have no
 lowering cases of their own.
 """
 
 import triton
 import triton.language as tl
+
+#: ``QUANT`` values of `tile_product` (constexpr ints: the kernel's int8 switch).
+QUANT_NONE = tl.constexpr(0)
+QUANT_STATIC = tl.constexpr(1)
+QUANT_DYNAMIC = tl.constexpr(2)
+QUANT_MODES = {"none": 0, "static": 1, "dynamic": 2}
 
 
 @triton.jit
@@ -95,12 +101,12 @@ def store_tile(acc, c_ptr, bias_ptr, rm, rn, mask_m, mask_n, stride_cm, stride_c
 
 
 @triton.jit
-def tile_product(a_src, w_src, pid_m, pid_n, step_lo, step_hi,
+def tile_product(a_src, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, step_lo, step_hi,
                  M, N, K_S, S, s_start, k_steps,
-                 stride_as, stride_am, stride_ak, stride_wn, stride_wk,
+                 stride_as, stride_am, stride_ak, stride_wn, stride_wk, stride_rs, stride_rm,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, TMA: tl.constexpr, MASK_MN: tl.constexpr,
-                 ASCEND_HINTS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                 ASCEND_HINTS: tl.constexpr, INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr):
     """fp32 ``[BLOCK_M, BLOCK_N]`` sum over K steps ``[step_lo, step_hi)`` of one output tile.
 
     K step ``step`` is step ``step % k_steps`` of source block ``(step // k_steps + s_start) % S``
@@ -116,10 +122,16 @@ def tile_product(a_src, w_src, pid_m, pid_n, step_lo, step_hi,
       matrix (rows past the edge re-read row 0; the store masks them) so the inner loop has no
       M / N masks (CUDA).
 
-    An int8 path (W8A8) slots in here as one more switch: accumulate ``tl.dot`` in int32 per
-    source block and fold it into ``acc`` with that block's activation scale row at the block's
-    last K step (``acc += scale_s[:, None] * part``); the per-channel weight scale belongs to the
-    epilogue.
+    ``QUANT`` (W8A8: A and W int8, `QUANT_MODES`) is the int8 switch; the products go to an int32
+    accumulator ``part`` and the tile returned is already dequantized (fp32):
+    - ``QUANT_STATIC`` (per-tensor activation scale, folded into ``col_scale`` by the host):
+      ``part`` accumulates the whole walk; ``acc = part * col_scale[n]``.
+    - ``QUANT_DYNAMIC`` (per-token scales, one per source block: each source rank quantized its own
+      heads): at each source block's last K step (or the range's last), ``acc += row_scale[s, m] *
+      part`` and ``part`` restarts; then ``acc *= col_scale[n]``. ``row_scale`` is ``[S, M]`` fp32
+      with strides ``(stride_rs, stride_rm)``.
+    Applying ``col_scale`` here (not in `store_tile`) keeps split-K / stream-K pieces linear: the
+    fix-up sums dequantized pieces and adds the bias, as for float inputs.
     """
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -128,25 +140,61 @@ def tile_product(a_src, w_src, pid_m, pid_n, step_lo, step_hi,
     if not MASK_MN:
         rm = tl.where(mask_m, rm, 0)
         rn = tl.where(mask_n, rn, 0)
-    rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(step_lo, step_hi):
-        s = (step // k_steps + s_start) % S
-        k0 = (step % k_steps) * BLOCK_K
-        if TMA:
-            a = a_src.load([s, pid_m * BLOCK_M, k0]).reshape(BLOCK_M, BLOCK_K)
-            w = w_src.load([pid_n * BLOCK_N, s * K_S + k0])
-        else:
-            kk = tl.max_contiguous(tl.multiple_of(k0 + rk, BLOCK_K), BLOCK_K)
-            a_ptrs = a_src + s * stride_as + rm[:, None] * stride_am + kk[None, :] * stride_ak
-            w_ptrs = w_src + rn[:, None] * stride_wn + (s * K_S + kk)[None, :] * stride_wk
-            a, w = load_tile_pair(a_ptrs, w_ptrs, mask_m, mask_n, kk, K_S, EVEN_K, MASK_MN)
-        if ASCEND_HINTS:
-            # triton-ascend's matmul guidance: the cube pads dot operands along K only.
-            tl.compile_hint(a, "dot_pad_only_k")
-            tl.compile_hint(w, "dot_pad_only_k")
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    if QUANT == QUANT_DYNAMIC:
+        # One int32 walk per source block, then its row scales: the flush sits between cube
+        # loops (a flush inside the K loop makes bishengir keep the vector tiles of every K step
+        # in UB: 128 x 128 tiles overflowed it 2.5 times).
+        for blk in range(step_lo // k_steps, tl.cdiv(step_hi, k_steps)):
+            s = (blk + s_start) % S
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for k_step in range(tl.maximum(step_lo - blk * k_steps, 0), tl.minimum(step_hi - blk * k_steps, k_steps)):
+                a, w = step_operands(a_src, w_src, s, k_step * BLOCK_K, pid_m, pid_n, rm, rn, mask_m, mask_n, K_S,
+                                     stride_as, stride_am, stride_ak, stride_wn, stride_wk,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS)
+                part = tl.dot(a, tl.trans(w), part)
+            row_scale = tl.load(row_scale_ptr + s * stride_rs + rm * stride_rm, mask=mask_m, other=0.0)
+            acc += row_scale[:, None] * part.to(tl.float32)
+    else:
+        if QUANT == QUANT_STATIC:
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for step in range(step_lo, step_hi):
+            a, w = step_operands(a_src, w_src, (step // k_steps + s_start) % S, (step % k_steps) * BLOCK_K,
+                                 pid_m, pid_n, rm, rn, mask_m, mask_n, K_S,
+                                 stride_as, stride_am, stride_ak, stride_wn, stride_wk,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS)
+            if QUANT == QUANT_STATIC:
+                part = tl.dot(a, tl.trans(w), part)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        if QUANT == QUANT_STATIC:
+            acc = part.to(tl.float32)
+    if QUANT != QUANT_NONE:
+        col_scale = tl.load(col_scale_ptr + rn, mask=mask_n, other=0.0)
+        acc = acc * col_scale[None, :]
     return acc
+
+
+@triton.jit
+def step_operands(a_src, w_src, s, k0, pid_m, pid_n, rm, rn, mask_m, mask_n, K_S,
+                  stride_as, stride_am, stride_ak, stride_wn, stride_wk,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, TMA: tl.constexpr, MASK_MN: tl.constexpr, ASCEND_HINTS: tl.constexpr):
+    """The A tile ``[BLOCK_M, BLOCK_K]`` and W tile ``[BLOCK_N, BLOCK_K]`` at column ``k0`` of
+    source block ``s`` (see `tile_product` for where they come from)."""
+    if TMA:
+        a = a_src.load([s, pid_m * BLOCK_M, k0]).reshape(BLOCK_M, BLOCK_K)
+        w = w_src.load([pid_n * BLOCK_N, s * K_S + k0])
+    else:
+        kk = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
+        a_ptrs = a_src + s * stride_as + rm[:, None] * stride_am + kk[None, :] * stride_ak
+        w_ptrs = w_src + rn[:, None] * stride_wn + (s * K_S + kk)[None, :] * stride_wk
+        a, w = load_tile_pair(a_ptrs, w_ptrs, mask_m, mask_n, kk, K_S, EVEN_K, MASK_MN)
+    if ASCEND_HINTS:
+        # triton-ascend's matmul guidance: the cube pads dot operands along K only.
+        tl.compile_hint(a, "dot_pad_only_k")
+        tl.compile_hint(w, "dot_pad_only_k")
+    return a, w
 
 
 @triton.jit
@@ -157,3 +205,14 @@ def partial_tile_offsets(slot, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     rows = sub_m * SUB_M + tl.arange(0, SUB_M)
     cols = sub_n * SUB_N + tl.arange(0, SUB_N)
     return slot * (BLOCK_M * BLOCK_N) + rows[:, None] * BLOCK_N + cols[None, :]
+
+
+@triton.jit
+def round_half_even(v):
+    """fp32 -> nearest integer (still fp32), ties to even: ``CAST_RINT`` (the rounding of Ascend's
+    quantize ops) and ``torch.round``. Written with ``floor`` so it is the same on every Triton
+    backend and in the interpreter (W8A8's send-side quantization, `kernels.quantize`)."""
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)

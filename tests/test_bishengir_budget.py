@@ -12,7 +12,10 @@ planning included) and the two must agree:
 
 The grid: the tuner's candidates of every dtype with each epilogue (A2 and A3), and beyond the
 space (A2) tiles on both sides of the UB, L1 and L0C limits, in fp32 and bf16, each epilogue,
-multibuffer on and off, and a K that is not a multiple of the K step (the masked path).
+multibuffer on and off, and a K that is not a multiple of the K step (the masked path). The int8
+path (W8A8, `kernels.budget.INT8_UB`) the same way: its candidates (and their ``SPLIT`` variants)
+in both modes (static, dynamic), every epilogue and output dtype (A2 and A3), and a grid of tiles,
+K steps, multibuffer and ``SPLIT`` beyond.
 """
 
 from __future__ import annotations
@@ -70,9 +73,41 @@ def _wide_cases():
     return cases
 
 
+INT8_MODES = ("static", "dynamic")
+INT8_OUT = (torch.bfloat16, torch.float32)
+INT8_WIDE_TILES = ((16, 128), (16, 512), (32, 256), (64, 64), (64, 256), (128, 128), (128, 256), (256, 128), (256, 256))
+
+
+def _int8_candidate_cases():
+    """The int8 candidates (with their ``SPLIT`` variants) in both modes, output dtypes, epilogues."""
+    shapes = sorted({(c.block_m, c.block_n, c.block_k, c.multibuffer, c.splits_k) for c in candidate_gemm_configs("npu", 1)})
+    cases = []
+    for (bm, bn, bk, multibuffer, split), quant, out, (bias, accumulate) in itertools.product(
+        shapes, INT8_MODES, INT8_OUT, EPILOGUES
+    ):
+        config = GemmConfig(block_m=bm, block_n=bn, block_k=bk, multibuffer=multibuffer, split_k=2 if split else 1)
+        cases.append(lowering_spec(config, torch.int8, has_bias=bias, accumulate=accumulate, quant=quant, out_dtype=out))
+    return cases
+
+
+def _int8_wide_cases():
+    cases = []
+    for (bm, bn), bk, quant, (bias, accumulate), (multibuffer, split) in itertools.product(
+        INT8_WIDE_TILES, (256, 512, 1024), INT8_MODES, EPILOGUES, ((True, False), (False, False), (True, True))
+    ):
+        config = GemmConfig(block_m=bm, block_n=bn, block_k=bk, multibuffer=multibuffer, split_k=2 if split else 1)
+        cases.append(lowering_spec(config, torch.int8, has_bias=bias, accumulate=accumulate, quant=quant))
+    for (bm, bn), quant in itertools.product(((32, 128), (64, 128)), INT8_MODES):
+        cases.append(lowering_spec(GemmConfig(block_m=bm, block_n=bn, block_k=512), torch.int8, k_s=1000,
+                                   has_bias=True, accumulate=True, quant=quant))
+    return cases
+
+
 def _describe(spec) -> str:
     c = spec.constexprs
-    return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} {spec.signature['a_ptr'][1:]} bias{int(c['HAS_BIAS'])} "
+    quant = {1: " static", 2: " dynamic"}.get(c.get("QUANT", 0), "")
+    return (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} {spec.signature['a_ptr'][1:]}{quant} "
+            f"out {spec.signature['bias_ptr'][1:]} bias{int(c['HAS_BIAS'])} "
             f"acc{int(c['ACCUMULATE'])} mb{int(spec.options['multibuffer'])}{'' if c['EVEN_K'] else ' uneven-k'}")
 
 
@@ -117,19 +152,36 @@ def _report(title, table, capsys):
     return precision
 
 
-@pytest.mark.parametrize("target", ["A2", "A3"])
-def test_budget_agrees_with_bishengir_on_the_candidates(target, capsys):
-    specs = _candidate_cases()
+def _check_candidates(specs, target, title, capsys):
     table, errors = _agreement(specs, ASCEND_ARCHS[target])
-    _report(f"{target}, the tuner's candidates x dtypes x epilogues", table, capsys)
+    _report(f"{target}, {title}", table, capsys)
     assert not errors, "\n".join(errors)
     assert table["rejected", "rejected"] + table["rejected", "passes"] + table["rejected", "passes single-buffered"] == 0
 
 
-def test_budget_agrees_with_bishengir_beyond_the_space(capsys):
-    specs = _wide_cases()
+def _check_beyond(specs, title, capsys):
     table, errors = _agreement(specs, ASCEND_ARCHS["A2"])
-    precision = _report("A2, tiles beyond the tuner's space", table, capsys)
+    precision = _report(f"A2, {title}", table, capsys)
     assert not errors, "\n".join(errors)
     assert table["rejected", "rejected"] > 0, "the grid must reach past the limits"
     assert precision >= MIN_REFUSAL_PRECISION
+
+
+@pytest.mark.parametrize("target", ["A2", "A3"])
+def test_budget_agrees_with_bishengir_on_the_candidates(target, capsys):
+    _check_candidates(_candidate_cases(), target, "the tuner's candidates x dtypes x epilogues", capsys)
+
+
+def test_budget_agrees_with_bishengir_beyond_the_space(capsys):
+    _check_beyond(_wide_cases(), "tiles beyond the tuner's space", capsys)
+
+
+@pytest.mark.parametrize("target", ["A2", "A3"])
+def test_int8_budget_agrees_with_bishengir_on_the_candidates(target, capsys):
+    specs = _int8_candidate_cases()
+    assert specs, "the tuner has no int8 candidates"
+    _check_candidates(specs, target, "the int8 candidates x modes x output dtypes x epilogues", capsys)
+
+
+def test_int8_budget_agrees_with_bishengir_beyond_the_space(capsys):
+    _check_beyond(_int8_wide_cases(), "int8 tiles beyond the tuner's space", capsys)

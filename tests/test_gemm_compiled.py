@@ -99,3 +99,26 @@ def test_tensor_descriptor_path_numerics_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
+def _int8_cases():
+    return [pytest.param(name, spec, id=name) for name, spec in all_lowering_cases("cuda")
+            if name.startswith("gemm-int8:") and "uneven-k" not in name]
+
+
+@pytest.mark.parametrize("name,spec", _int8_cases())
+@pytest.mark.cuda_compile
+@pytest.mark.skipif(REASON is not None, reason=str(REASON))
+def test_int8_path_uses_s8_wgmma_wide_copies_and_no_spills(name, spec):
+    """W8A8: every int8 case the tuner or a default may run multiplies on int8 wgmma (s32 += s8 x
+    s8), loads by TMA or 16-byte cp.async, and spills nothing."""
+    result = lower(spec, f"sm_{CUDA_ARCH}")
+    ptx = result.ptx
+    assert result.local_bytes == 0, f"{name}: {result.local_bytes} bytes of register spills"
+    shapes = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", ptx))
+    assert shapes and all(shape.endswith(".s32.s8.s8") for shape in shapes), f"{name}: wgmma {shapes}"
+    async_sizes = set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?\],\s*(0x[0-9a-f]+|\d+)", ptx))
+    if spec.constexprs["TMA"]:
+        assert "cp.async.bulk.tensor.3d" in ptx and not async_sizes, f"{name}: no TMA loads or mixed copies"
+    else:
+        assert async_sizes == {"0x10"}, f"{name}: async copy widths {async_sizes}, expected 16 bytes only"
