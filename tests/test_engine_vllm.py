@@ -3,9 +3,9 @@
 Each engine is a fresh ``LLM(...)`` (or the OpenAI-compatible server) in its own process group with a
 hard deadline (`tests.engine_harness`), started with FlashComm2 on **only** through ``FC2_*``
 environment variables and fc2's plugin entry point (installed in the environment), at TP 2 (TP 4 for
-otp 2), on tiny random-weight checkpoints saved by transformers: a Llama, a Qwen3 and a
-DeepSeek-V2-style MLA model. The first ``generate`` of the engine is compared with the same engine
-run without FlashComm2. The oracle is fp32 logprobs (top 5 per generated token, tolerance 1e-4;
+otp 2), on tiny random-weight checkpoints saved by transformers: a Llama, a Qwen3, a
+DeepSeek-V2-style MLA model, and the Llama with an int8 W8A8 o_proj (compressed-tensors). The
+first ``generate`` of the engine is compared with the same engine run without FlashComm2. The oracle is fp32 logprobs (top 5 per generated token, tolerance 1e-4;
 runs here differ by ~4e-6), plus equal greedy tokens; the negative control (a 1% W_o error injected
 into the FlashComm2 modules) must fail it. Each worker's `fc2.vllm.worker_report`
 (``collective_rpc``) proves that every layer's FlashComm2 module replaced the linear (which is
@@ -130,6 +130,27 @@ def test_llama_tp4_otp2_matches(engines):
     result = _check_equal(engines, "llama", "eager, TP 4", "otp 2", base, fc2)
     assert result.tokens_equal and result.max_logprob_diff <= TOLERANCE, result
     _check_ran(fc2, 2, 4)
+
+
+def test_llama_w8a8_dynamic_matches_and_runs_int8(engines):
+    """A compressed-tensors int8 W8A8 o_proj (channel-wise weights, dynamic per-token activations),
+    loaded by vLLM: FlashComm2 takes it at construction and matches vLLM's own int8 path. Both
+    quantize per (rank, token) over the rank's own heads (vLLM's TP shards x the same way), so the
+    int8 values and scales agree; only the fp32 sum order differs."""
+    base = engines.run("llama-w8a8-eager", "llama_w8a8")
+    fc2 = engines.run("llama-w8a8-eager-fc2", "llama_w8a8", env=FC2)
+    result = _check_equal(engines, "llama, int8 W8A8 o_proj", "eager", "otp 1", base, fc2)
+    assert result.tokens_equal and result.max_logprob_diff <= TOLERANCE, result
+    _check_ran(fc2, 2, 2)
+    for report in fc2.reports_after:
+        assert set(report["quant"].values()) == {
+            "compressed-tensors CompressedTensorsW8A8Int8 (channel weights, dynamic activations)"}, report["quant"]
+        assert set(report["weight_bytes"].values()) == {64 * 128}, report["weight_bytes"]  # int8 W_o [64, 128]
+    # the quantization is visible: the float checkpoint's logprobs are far from the int8 one's
+    float_run = engines.run("llama-eager", "llama")
+    gap = _check_equal(engines, "llama float vs int8 o_proj", "eager", "FC2 off (quantization visible)",
+                       float_run, base)
+    assert gap.max_logprob_diff > 10 * TOLERANCE, f"the int8 checkpoint did not change vLLM's result: {gap}"
 
 
 def test_compile_cache_after_a_run_without_fc2_and_a_second_start(engines):
