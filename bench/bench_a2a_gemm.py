@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from bench.launch import run_on_ranks
+from bench.launch import add_rank_arguments, resolve_device_defaults, run_on_ranks
 
 PRESETS = {
     # name: (hidden size N, heads x v_head_dim K, the TP this shape is deployed with)
@@ -168,22 +168,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_a2a_gemm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--tokens", nargs="+", type=int, default=None, help="token counts T (default: 16 64 on CPU, 128 512 4096 on a device)")
-    parser.add_argument("--world-size", type=int, default=2, help="local ranks to spawn (ignored under torchrun)")
-    parser.add_argument("--scale", type=int, default=None, help="divide K_l and N by this (default: 64 on CPU, 1 on a device)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="results", help="directory for the CSV")
-    parser.add_argument("--timeout", type=float, default=1800)
+    add_rank_arguments(parser, out_help="directory for the CSV")
     args = parser.parse_args(argv)
-
-    import kernels  # noqa: F401  (selects the interpreter on a CPU-only machine)
+    on_device = resolve_device_defaults(args)
     from kernels import platform
 
-    on_device = platform.device_kind() != "cpu"
-    args.tokens = args.tokens or ([128, 512, 4096] if on_device else [16, 64])
-    args.scale = args.scale or (1 if on_device else 64)
     rows = run(args)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0

@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass
 
 from bench.bench_a2a_gemm import PRESETS, _timed
-from bench.launch import run_on_ranks
+from bench.launch import add_rank_arguments, resolve_device_defaults, run_on_ranks
 
 
 @dataclass
@@ -228,24 +228,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_w8a8", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--tokens", nargs="+", type=int, default=None,
-                        help="token counts T (default: 16 64 on CPU, 128 512 4096 on a device)")
     parser.add_argument("--bytes-tokens", nargs="+", type=int, default=[1, 64, 1024, 4096, 16384],
                         help="token counts of the bytes table (full shapes, arithmetic only)")
-    parser.add_argument("--world-size", type=int, default=2, help="local ranks to spawn (ignored under torchrun)")
-    parser.add_argument("--scale", type=int, default=None, help="divide K_l and N by this (default: 64 on CPU, 1 on a device)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="results", help="directory for the CSVs")
-    parser.add_argument("--timeout", type=float, default=1800)
+    add_rank_arguments(parser, out_help="directory for the CSVs")
     args = parser.parse_args(argv)
-
-    import kernels  # noqa: F401  (selects the interpreter on a CPU-only machine)
+    resolve_device_defaults(args)
     from kernels import platform
 
-    on_device = platform.device_kind() != "cpu"
-    args.tokens = args.tokens or ([128, 512, 4096] if on_device else [16, 64])
-    args.scale = args.scale or (1 if on_device else 64)
     bytes_rows = [wire_bytes(preset, tokens) for preset in args.presets for tokens in args.bytes_tokens]
     rows = run_on_ranks(_bench_rank, args, world_size=args.world_size, timeout=args.timeout)
     if int(os.environ.get("RANK", 0)) != 0:

@@ -20,6 +20,32 @@ from typing import Callable, Optional
 ENV_BACKEND = "FC2_BENCH_BACKEND"
 
 
+def add_rank_arguments(parser, *, out_help: str) -> None:
+    """The arguments every multi-rank benchmark takes (token counts, ranks, shape scale, repeats,
+    output directory, deadline); `resolve_device_defaults` fills the device-dependent ones."""
+    parser.add_argument("--tokens", nargs="+", type=int, default=None,
+                        help="token counts T (default: 16 64 on CPU, 128 512 4096 on a device)")
+    parser.add_argument("--world-size", type=int, default=2, help="local ranks to spawn (ignored under torchrun)")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="divide K_l and N by this (default: 64 on CPU, 1 on a device)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="results", help=out_help)
+    parser.add_argument("--timeout", type=float, default=1800)
+
+
+def resolve_device_defaults(args) -> bool:
+    """Fill ``--tokens`` / ``--scale`` left unset (full shapes on a device, /64 under the CPU
+    interpreter); True on a device. Imports `kernels`, which selects the interpreter on a CPU."""
+    import kernels  # noqa: F401
+    from kernels import platform
+
+    on_device = platform.device_kind() != "cpu"
+    args.tokens = args.tokens or ([128, 512, 4096] if on_device else [16, 64])
+    args.scale = args.scale or (1 if on_device else 64)
+    return on_device
+
+
 def init_from_env() -> None:
     """Join the process group described by RANK / WORLD_SIZE / MASTER_* (torchrun's variables),
     with the device's collective backend (or ``$FC2_BENCH_BACKEND``), on the device LOCAL_RANK
