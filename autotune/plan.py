@@ -453,7 +453,7 @@ class CostModel:
         acc = chunk * d * 4
         comms, comps = [], []
         for k0, k1 in self._k_slices(p, chunk, chunks):
-            width = (k1 - k0) * p.act_bytes + p.row_scale_bytes  # a slice's row carries the scale too
+            width = (k1 - k0) * p.act_bytes + (p.row_scale_bytes if k0 == 0 else 0)  # the scale travels in slice 0
             def piece(pos, size, width=width):
                 return [0 if r == pos else _rows(tokens, chunk, r) * width for r in range(size)]
             comms.append(collective_s(hw, self.groups(1)["tp"], piece))

@@ -24,8 +24,8 @@ used and before its buffers are reused; a call returns with every transfer joine
   a call reads W once whatever ``chunks`` is (a token cut would re-read all of W per sub-chunk).
   The send side packs each slice's columns of all T rows into one buffer (``all_to_all_single``
   takes one contiguous input): T*K_l elements per call in all, the volume that is sent anyway
-  (dynamic W8A8: plus each token's 16-byte scale tail per slice). Send and receive buffers
-  alternate between two.
+  (dynamic W8A8: each token's scale travels once, in slice 0's row tail). Send and receive
+  buffers alternate between two.
 - ``ring``: K is split by source rank. Step 0 multiplies my own head block (no communication)
   into an fp32 accumulator; step t = 1..S-1 receives the block of source ``r - t`` and sends mine
   to ``r + t`` (``batch_isend_irecv``; step t+1's transfer is in flight during step t's GEMM) and
@@ -58,6 +58,7 @@ import math
 from . import platform
 from .a2a_context import A2AGemmContext, Pending
 from .gemm_config import GemmConfig, default_gemm_config
+from .gemm_kernel import Int8Scales
 from .gemm_reduce_scatter import chunk_bounds
 from .pull_gemm import gather_rows, pull_gemm
 from .quantize import ROW_ALIGNMENT, packed_row_bytes, scale_offset
@@ -91,6 +92,7 @@ def reserve_workspaces(
         context.reserve(f"ring.recv{b}", chunk * k_local * element)
     context.reserve("ring.acc", chunk * n * 4)
     context.reserve("chunked.acc", chunk * n * 4)
+    context.reserve("chunked.scales", size * chunk * 4)
 
 
 def _step_gemm(call: "_Call", rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -137,9 +139,9 @@ def chunked(call: "_Call") -> torch.Tensor:
     m = call.rows(rank)
     splits = [call.rows(p) for p in range(size)]
     context = _context_for(call)
-    widest = max(_slice_width(k1 - k0, dynamic) for k0, k1 in slices)
-    receive = [context.workspace(f"chunked.recv{b}", (size * m * widest,), x.dtype, x.device) for b in range(2)]
-    send = [context.workspace(f"chunked.send{b}", (call.tokens * widest,), x.dtype, x.device) for b in range(2)]
+    widths = [_slice_width(k1 - k0, dynamic and j == 0) for j, (k0, k1) in enumerate(slices)]
+    receive = [context.workspace(f"chunked.recv{b}", (size * m * max(widths),), x.dtype, x.device) for b in range(2)]
+    send = [context.workspace(f"chunked.send{b}", (call.tokens * max(widths),), x.dtype, x.device) for b in range(2)]
     if x.dtype == torch.float32:
         acc = out[:m]  # accumulate in the output itself: nothing to cast
     else:
@@ -149,18 +151,21 @@ def chunked(call: "_Call") -> torch.Tensor:
         acc.copy_(call.bias.expand(m, n))
     else:
         acc.zero_()
+    # Dynamic W8A8: the per-token scales arrive with slice 0 only; kept here for the later slices
+    # (slice 0's receive buffer is reused by slice 2).
+    row_scales = context.workspace("chunked.scales", (size, m), torch.float32, x.device) if dynamic else None
 
     def issue(j: int) -> Pending:
         # Slice j of every token's row (chunk p = rows [p*c, p*c + rows(p)), so the pieces for
         # destinations 0..S-1 follow one another), packed contiguous: all_to_all_single needs one
-        # contiguous input. Dynamic W8A8: each slice's rows carry the token's scale in their own
-        # tail (`kernels.quantize` layout for a K_l of k1 - k0). The buffer packed here was last
-        # read by transfer j-2, which the current stream has waited for.
-        k0, k1 = slices[j]
-        width = _slice_width(k1 - k0, dynamic)
+        # contiguous input. Dynamic W8A8: slice 0's rows also carry the token's scale in their tail
+        # (`kernels.quantize`'s layout for a K_l of k1 - k0), so the call sends what `sequential`
+        # sends. The buffer packed here was last read by transfer j-2, which the current stream
+        # has waited for.
+        (k0, k1), width = slices[j], widths[j]
         packed = send[j % 2][: call.tokens * width].view(call.tokens, width)
         packed[:, : k1 - k0].copy_(x[:, k0:k1])
-        if dynamic:
+        if dynamic and j == 0:
             packed[:, scale_offset(k1 - k0) :].copy_(x[:, scale_offset(k_local) :])
         received = receive[j % 2][: size * m * width].view(size * m, width)
         work = dist.all_to_all_single(received, packed, [m] * size, splits, group=call.group, async_op=True)
@@ -171,9 +176,14 @@ def chunked(call: "_Call") -> torch.Tensor:
         following = issue(j + 1) if j + 1 < len(slices) else None
         pending.wait()
         if m:
-            width = _slice_width(k1 - k0, dynamic)
-            blocks = receive[j % 2][: size * m * width].view(size, m, width)  # receive layout
-            a, scales = call.operands(blocks, k1 - k0)
+            blocks = receive[j % 2][: size * m * widths[j]].view(size, m, widths[j])  # receive layout
+            if dynamic and j == 0:
+                a, scales = call.operands(blocks, k1 - k0)
+                row_scales.copy_(scales.row_scale)
+            elif dynamic:
+                a, scales = blocks, Int8Scales(call.w8a8.weight_scale, row_scales, call.x.dtype)
+            else:
+                a, scales = call.operands(blocks, k1 - k0)
             # W columns [s*K_l + k0, s*K_l + k1) of each source block s: W read once over the slices.
             gemm(a, call.weight[:, k0:], None, out=acc, accumulate=True, config=config, scales=scales,
                  w_block_stride=k_local)
@@ -183,9 +193,10 @@ def chunked(call: "_Call") -> torch.Tensor:
     return out
 
 
-def _slice_width(width: int, dynamic: bool) -> int:
-    """Elements per token of a slice of ``width`` columns on the wire (dynamic: its packed row)."""
-    return packed_row_bytes(width, True) if dynamic else width
+def _slice_width(width: int, with_scale: bool) -> int:
+    """Elements per token of a slice of ``width`` columns on the wire (with the dynamic scale: its
+    packed row)."""
+    return packed_row_bytes(width, True) if with_scale else width
 
 
 def ring(call: "_Call") -> torch.Tensor:
