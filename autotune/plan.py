@@ -22,7 +22,7 @@ each in bf16 and, with ``precisions`` including them, W8A8) and token count T:
   o_shared's broadcast exposed where it does not fit under the per-layer compute.
 
 A row's schedule is the fastest estimate among those `python -m autotune` searches (o = 1:
-``sequential``, ``chunked`` with `autotune.space.CHUNK_CHOICES` sub-chunks, ``ring``; no ``pull``,
+``sequential``, ``chunked`` with `autotune.space.CHUNK_CHOICES` K slices, ``ring``; no ``pull``,
 which needs a heap `fc2.FlashComm2OProj` does not pass; o > 1: `RS_CHUNK_CHOICES`), and says what
 fc2 runs untuned where that differs (`kernels.choose_schedule`, `default_rs_chunks`).
 Measured figures (`autotune.plan_measured`, ``--tables``) replace the estimates they cover.
@@ -444,19 +444,30 @@ class CostModel:
         return collective_s(self.hw, self.groups(1)["tp"], lambda i, size: all_to_all_peer_bytes(tokens, size, row_bytes, i))
 
     def _chunked_s(self, p: Precision, tokens: int, chunk: int, chunks: int, row: int) -> tuple[float, float, float]:
-        """``chunked``: ``chunks`` sub-chunks of the c rows, each its own all-to-all (sub-chunk i+1's
-        under sub-chunk i's GEMM); every sub-chunk's GEMM reads all of W_o again.
-        Returns ``(total, GEMMs, transfers)`` in seconds."""
-        m, hw = self.model, self.hw
-        sub = -(-chunk // min(chunks, chunk))
+        """``chunked``: K_l in ``chunks`` slices (`kernels.schedules.k_slices`), each its own
+        all-to-all (slice j+1's under slice j's GEMM, which is ``S * width`` deep over all c rows:
+        W_o is read once over the slices) adding into an fp32 ``[c, D]`` accumulator (read and
+        written every slice, one cast at the end). Returns ``(total, GEMMs, transfers)`` in seconds."""
+        m, hw, tp = self.model, self.hw, self.layout.tp
+        d = m.hidden_size
+        acc = chunk * d * 4
         comms, comps = [], []
-        for q in range(-(-chunk // sub)):
-            def piece(pos, size, q=q):
-                rows = [max(0, min(sub, _rows(tokens, chunk, r) - q * sub)) for r in range(size)]
-                return [0 if r == pos else rows[r] * row for r in range(size)]
+        for k0, k1 in self._k_slices(p, chunk, chunks):
+            width = (k1 - k0) * p.act_bytes + (p.row_scale_bytes if k0 == 0 else 0)  # the scale travels in slice 0
+            def piece(pos, size, width=width):
+                return [0 if r == pos else _rows(tokens, chunk, r) * width for r in range(size)]
             comms.append(collective_s(hw, self.groups(1)["tp"], piece))
-            comps.append(gemm_s(hw, p, max(0, min(sub, chunk - q * sub)), m.hidden_size, m.k_total))
+            comps.append(gemm_s(hw, p, chunk, d, tp * (k1 - k0), extra_bytes=2 * acc))
         return pipeline_s(comms, comps), sum(comps), sum(comms)
+
+    def _k_slices(self, p: Precision, chunk: int, chunks: int) -> list[tuple[int, int]]:
+        """The K slices ``chunked`` cuts with the default GEMM config of this shape."""
+        from kernels.gemm_config import default_gemm_config
+        from kernels.schedules import k_slices
+
+        m = self.model
+        block_k = default_gemm_config(chunk, m.hidden_size, m.k_total, self.device_kind, p.act_bytes).block_k
+        return k_slices(m.k_local(self.layout.tp), chunks, block_k, p.int8)
 
     def _ring_s(self, p: Precision, tokens: int, chunk: int, row: int) -> tuple[float, float, float]:
         """``ring``: step 0 multiplies the local heads; step t receives one peer's block (point to
@@ -493,17 +504,17 @@ class CostModel:
         gemm = gemm_s(hw, p, chunk, d, m.k_total)
         runs = {"sequential": (a2a + gemm, gemm, a2a)}  # (total, GEMMs, transfers) per schedule
         for chunks in sorted({A2AGemmConfig().chunks, *CHUNK_CHOICES}):
-            if chunks <= chunk:
+            if len(self._k_slices(p, chunk, chunks)) == chunks:  # else the same run as fewer slices
                 runs[f"chunked({chunks})"] = self._chunked_s(p, tokens, chunk, chunks, row)
         runs["ring"] = self._ring_s(p, tokens, chunk, row)
         times = {name: run[0] for name, run in runs.items()}
         auto = choose_schedule(tokens, k_l, d, tp, self.device_kind, None, heap=False)
         if auto == "chunked":
-            auto = f"chunked({min(A2AGemmConfig().chunks, chunk)})"
+            auto = f"chunked({len(self._k_slices(p, chunk, A2AGemmConfig().chunks))})"
         best = min(times, key=times.get)
         overlap = {
             "sequential": "none: all-to-all, then the GEMM",
-            "chunked": "sub-chunk i+1's all-to-all under sub-chunk i's GEMM (each sub-chunk re-reads W_o)",
+            "chunked": "K slice j+1's all-to-all under slice j's GEMM (W_o read once; fp32 accumulator re-read per slice)",
             "ring": f"{tp - 1} point-to-point steps, each under the previous step's K_l-deep GEMM (fp32 accumulator re-read per step)",
         }[best.split("(")[0]]
         estimate = Estimate(
@@ -516,7 +527,8 @@ class CostModel:
     def _fc2_otp(self, mode: Mode, tokens: int) -> Estimate:
         """o > 1: the ODP all-to-all (one blocking collective), then `gemm_reduce_scatter` with every
         chunk count the tuner searches; the row takes the fastest."""
-        from kernels.gemm_reduce_scatter import chunk_bounds, default_rs_chunks
+        from kernels.gemm_config import default_gemm_config
+        from kernels.gemm_reduce_scatter import column_bounds, default_rs_chunks
 
         from .space import RS_CHUNK_CHOICES
 
@@ -530,13 +542,17 @@ class CostModel:
         a2a = collective_s(hw, groups["odp"], lambda i, size: [0 if q == i else o * chunk * row for q in range(size)])
         k_shard = m.k_total // o
         default = default_rs_chunks(chunk, d, o, self.device_kind)
+        block_n = default_gemm_config(o * chunk, d, k_shard, self.device_kind, p.act_bytes).block_n
         times, parts = {}, {}
         for chunks in sorted({default, *RS_CHUNK_CHOICES}):
-            bounds = chunk_bounds(chunk, chunks)
+            # Column ranges of whole BLOCK_N tiles: each GEMM covers all o*c rows (W read once),
+            # its reduced [c, width] block is copied into the output's columns.
+            bounds = column_bounds(d, chunks, block_n)
             if len(bounds) != chunks:
-                continue  # more chunks than rows: the same as fewer
-            comps = [gemm_s(hw, p, o * (b - a), d, k_shard) for a, b in bounds]
-            comms = [collective_s(hw, groups["otp"], lambda i, size, n=b - a: [0 if q == i else n * out_row for q in range(size)])
+                continue  # more chunks than N tiles: the same as fewer
+            comps = [gemm_s(hw, p, o * chunk, b - a, k_shard, extra_bytes=0 if chunks == 1 else 2 * chunk * (b - a) * p.out_bytes)
+                     for a, b in bounds]
+            comms = [collective_s(hw, groups["otp"], lambda i, size, w=b - a: [0 if q == i else chunk * w * p.out_bytes for q in range(size)])
                      for a, b in bounds]
             times[chunks] = a2a + compute_then_send_s(comps, comms)
             parts[chunks] = (sum(comps), sum(comms))

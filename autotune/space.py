@@ -10,7 +10,7 @@ Nothing here restates a choice the kernels already define:
   lowering tests compile every kernel they imply for Ascend and CUDA). A field with one choice is
   fixed, not searched. New fields there become search parameters here without a change.
 - Schedules: `kernels.SCHEDULES` (a new schedule is searched as soon as it registers); a
-  schedule's own parameters (token sub-chunks, ...) from `schedule_parameters`.
+  schedule's own parameters (K slices of ``chunked``, ...) from `schedule_parameters`.
 - The default config: `kernels.default_gemm_config` and `kernels.choose_schedule`, exactly what an
   untuned call runs; every study is seeded with it, so tuning can only improve on it.
 
@@ -32,7 +32,7 @@ from kernels.gemm_config import GemmConfig, candidate_gemm_configs, default_gemm
 
 from .models import ModelShape
 
-#: Token sub-chunk counts searched for schedules that pipeline over token chunks.
+#: Sub-chunk counts searched for ``chunked`` (K slices).
 CHUNK_CHOICES = (2, 4, 8)
 #: gemm_reduce_scatter's pipeline depth (1 = the plain GEMM then one reduce-scatter).
 RS_CHUNK_CHOICES = (1, 2, 4, 8)
@@ -303,10 +303,15 @@ class A2AGemmSpace(Space):
         schedule = config.schedule
         if schedule == "pull" and self.heap_missing:
             return f"platform: 'pull' needs a symmetric heap: {self.heap_missing}"
-        if "chunks" in self.schedule_params[schedule] and config.chunks > max(1, self.problem.rows):
-            # The schedule would cap the count at the rows: the same run as a smaller count.
-            return (f"shape: {config.chunks} token sub-chunks but only {self.problem.rows} tokens per rank "
-                    f"(T={self.problem.tokens} over {self.problem.group_size} ranks)")
+        if "chunks" in self.schedule_params[schedule]:
+            from kernels.schedules import k_slices
+
+            # The schedule caps the count at one K slice per BLOCK_K step: the same run as a smaller count.
+            p, block_k = self.problem, (config.gemm or self.gemm.default).block_k
+            slices = len(k_slices(p.k_local, config.chunks, block_k, p.dtype_bytes == 1))
+            if config.chunks > slices:
+                return (f"shape: {config.chunks} K slices but K_l={p.k_local} holds only {slices} "
+                        f"(whole BLOCK_K={block_k} steps)")
         return None
 
     def all_params(self) -> list[dict]:
@@ -362,8 +367,9 @@ class GemmReduceScatterSpace(Space):
         reason = self.gemm.infeasible(gemm)
         if reason:
             return reason
-        if params["chunks"] > max(1, self.rows_per_rank):
-            return f"shape: {params['chunks']} chunks but only {self.rows_per_rank} rows per rank"
+        ranges = -(-self.problem.n // gemm.block_n)  # the pipelined path cuts N in whole BLOCK_N tiles
+        if params["chunks"] > ranges:
+            return f"shape: {params['chunks']} chunks but N={self.problem.n} holds only {ranges} BLOCK_N={gemm.block_n} tiles"
         return None
 
     def all_params(self) -> list[dict]:

@@ -17,7 +17,7 @@ Fields (all checked on construction; `validate` adds the checks that need the pa
   last token zero) or ``"replicated"`` (all T tokens on every rank, what a model without sequence
   parallelism expects from a row-parallel o_proj).
 - ``schedule``: the all-to-all + GEMM schedule (``"auto"`` or a name in `kernels.SCHEDULES`).
-- ``rs_chunks``: o > 1 only: token sub-chunks of the pipelined GEMM + reduce-scatter (1 = the plain
+- ``rs_chunks``: o > 1 only: output-column chunks of the pipelined GEMM + reduce-scatter (1 = the plain
   path, None = the documented heuristic `kernels.gemm_reduce_scatter.default_rs_chunks`).
 - ``tables_dir``: directory of tuned config tables (written by ``python -m autotune``); None =
   ``$FC2_CONFIG_DIR`` (read by ``fc2.tuned_tables`` too), heuristics when no table matches.

@@ -10,8 +10,8 @@ or all ``[T, D]`` on every rank (``"replicated"``).
 - o > 1 (g = tp / o, TP rank r = j*g + i): the weight is the K-shard j,
   ``W_o[:, j*K/o : (j+1)*K/o]`` (the heads of ODP group j). Send-side reorder (`send_positions`,
   one scattered copy): the rows sent to ODP rank i' are the token chunks of OTP group i' —
-  chunks ``i', i'+g, ..., i'+(o-1)g`` — in the pipeline order of `kernels.gemm_reduce_scatter`
-  (chunk q of every destination together). One all-to-all in the ODP group; the received
+  chunks ``i', i'+g, ..., i'+(o-1)g`` — destination-major (`kernels.gemm_reduce_scatter`'s
+  layout, plain or pipelined). One all-to-all in the ODP group; the received
   ``[g, o*c, K_l]`` is the receive-layout GEMM's operand as it lies; the partials are
   reduce-scattered in the OTP group (plain or pipelined), and OTP rank d of group i keeps chunk
   ``d*g + i`` = its own TP rank: token chunk r on TP rank r.
@@ -68,7 +68,7 @@ from kernels import platform
 from kernels.all_to_all_gemm import A2AGemmConfig
 from kernels.collectives import all_gather_single
 from kernels.gemm_config import GemmConfig
-from kernels.gemm_reduce_scatter import gemm_reduce_scatter, pipeline_positions, plan_chunks
+from kernels.gemm_reduce_scatter import gemm_reduce_scatter, plan_chunks
 from kernels.quantize import quantize_rows, received_operands
 from kernels.symmetric_heap import heap_support
 
@@ -561,19 +561,19 @@ class FlashComm2OProj(nn.Module):
             out = gathered[:tokens]
         return out
 
-    def send_positions(self, tokens: int, rs_chunks: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    def send_positions(self, tokens: int, device: Optional[torch.device] = None) -> torch.Tensor:
         """o > 1: the row of the all-to-all send buffer each token goes to (the send-side reorder).
 
         Token t is in chunk r = t // c (TP rank r = d*g + i': OTP rank d of OTP group i'), row
-        t % c. The ``o * c`` rows sent to ODP rank i' are OTP group i''s chunks in the pipeline
-        order of `kernels.gemm_reduce_scatter` for ``rs_chunks``; rows of no token (padding up to
-        ``tp * c``) are sent as zeros."""
+        t % c. The ``o * c`` rows sent to ODP rank i' are OTP group i''s chunks in destination-major
+        order (OTP rank d's c rows at ``d * c``: `kernels.gemm_reduce_scatter`'s layout, for every
+        chunk count); rows of no token (padding up to ``tp * c``) are sent as zeros."""
         g, o = self.groups.odp_size, self.otp_size
         chunk = -(-tokens // self.tp_size)
         token = torch.arange(tokens, device=device)
         owner, row = token // chunk, token % chunk
         dest, odp_dest = owner // g, owner % g
-        return odp_dest * (o * chunk) + pipeline_positions(chunk, o, rs_chunks, dest, row)
+        return odp_dest * (o * chunk) + dest * chunk + row
 
     def _otp_forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: OProjPlan,
@@ -588,7 +588,7 @@ class FlashComm2OProj(nn.Module):
         width, dtype = (k_local, x.dtype) if spec is None else (spec.row_bytes(k_local), torch.int8)
         make = torch.zeros if padded > tokens else torch.empty
         send = make((padded, width), dtype=dtype, device=x.device)
-        positions = self.send_positions(tokens, plan.rs_chunks, x.device)
+        positions = self.send_positions(tokens, x.device)
         # One scattered write (the send-side reorder; W8A8: fused into the quantization); padding
         # rows stay zero (an int8 zero row with a zero scale: no contribution).
         if spec is None:

@@ -48,8 +48,8 @@ class A2AGemmConfig:
     """Tuning of one ``all_to_all_gemm`` call.
 
     ``schedule``: the schedule a tuned table chose (used when the call says ``"auto"``);
-    ``gemm``: tile config of the GEMM (None = `default_gemm_config`); ``chunks``: token sub-chunks
-    for the chunked schedule.
+    ``gemm``: tile config of the GEMM (None = `default_gemm_config`); ``chunks``: sub-chunks of
+    the chunked schedule (K_l slices of whole ``BLOCK_K`` steps: `kernels.schedules.chunk_slices`).
     """
 
     schedule: Optional[str] = None
@@ -119,12 +119,13 @@ class _Call:
             return self.x if self.x.is_contiguous() else self.x.contiguous()
         return quantize_rows(self.x, self.w8a8, out=out)
 
-    def operands(self, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[Int8Scales]]:
+    def operands(self, rows: torch.Tensor, k_local: Optional[int] = None) -> tuple[torch.Tensor, Optional[Int8Scales]]:
         """Received rows (``[S', m, row_width]`` or ``[m, row_width]``, any strides) as the GEMM's A
-        operand and, W8A8, its `Int8Scales` (views: no copy)."""
+        operand and, W8A8, its `Int8Scales` (views: no copy). ``k_local``: the columns each row
+        holds (default K_l; ``chunked``'s K slices hold fewer)."""
         if self.w8a8 is None:
             return rows, None
-        return received_operands(rows, self.x.shape[1], self.w8a8, self.x.dtype)
+        return received_operands(rows, k_local or self.x.shape[1], self.w8a8, self.x.dtype)
 
     def rows(self, p: int) -> int:
         """Tokens that actually exist in chunk p (c, fewer for the tail, 0 past T)."""
@@ -226,7 +227,7 @@ def choose_schedule(
        starts at once) and each step moves one peer's block point to point; but it re-reads and
        re-writes an fp32 ``[c, N]`` accumulator S times and each GEMM is only K_l deep, so it
        pays off only for small groups.
-    6. Otherwise ``chunked`` (``config.chunks`` sub-chunks, full-K GEMMs).
+    6. Otherwise ``chunked`` (``config.chunks`` K slices; W read once over them).
     """
     if config is not None and config.schedule is not None and (config.schedule != "pull" or heap):
         return config.schedule

@@ -3,7 +3,9 @@
     C[m, n] = sum_s sum_j A[s, m, j] * W[n, s*K_s + j]      (K_s = K / S)
 
 A is ``[S, M, K_s]`` with any strides (the all-to-all receive layout; ``[M, K]`` is S = 1; any
-view). W is ``[N, K]`` as torch / vLLM store it, loaded as ``[BLOCK_N, BLOCK_K]`` tiles and
+view). W is ``[N, K]`` as torch / vLLM store it (or a view whose source block s starts
+``s * stride_ws`` elements in, ``stride_ws = K_s`` for the whole W: a column slice of every
+source block, the ``chunked`` schedule's K slices), loaded as ``[BLOCK_N, BLOCK_K]`` tiles and
 transposed in registers, so every load walks contiguous memory. Compile-time switches say where
 the tiles come from; the body (`kernels.tiles.tile_product`: one flat K loop over (source block, K
 step), fp32 accumulation) is the same for all:
@@ -64,7 +66,7 @@ def gemm_kernel(
     a_ptr, w_ptr, bias_ptr, c_ptr, partial_ptr, row_scale_ptr, col_scale_ptr,
     M, N, K_S, S, s_start, w_entry,
     stride_as, stride_am, stride_ak,
-    stride_wn, stride_wk,
+    stride_ws, stride_wn, stride_wk,
     stride_cm, stride_cn,
     stride_rs, stride_rm,
     dp_tiles, sk_workers, sk_iters, slots_per_worker, diagonal,
@@ -110,7 +112,7 @@ def gemm_kernel(
         pid_m, pid_n = tile_coords(dp_tiles + t, num_pid_m, num_pid_n, diagonal, GROUP_M)
         acc = tile_product(a_ptr, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, lo, hi,
                            M, N, K_S, S, s_start, k_steps,
-                           stride_as, stride_am, stride_ak, stride_wn, stride_wk, stride_rs, stride_rm,
+                           stride_as, stride_am, stride_ak, stride_ws, stride_wn, stride_wk, stride_rs, stride_rm,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS, INPUT_PRECISION, QUANT)
         # A whole tile is final: stored with the epilogue. A piece goes to the workspace for the
         # fix-up. Row limits rather than a branch (with a branch bishengir stages the fp32 tile
@@ -214,11 +216,9 @@ class Int8Scales:
     def mode(self) -> str:
         return "static" if self.row_scale is None else "dynamic"
 
-    def rows(self, span: slice) -> "Int8Scales":
-        """These scales for rows ``span`` of every source block (a GEMM over a row range)."""
-        if self.row_scale is None:
-            return self
-        return Int8Scales(self.col_scale, self.row_scale[:, span], self.out_dtype)
+    def columns(self, span: slice) -> "Int8Scales":
+        """These scales for output channels ``span`` (a GEMM over some of W's rows)."""
+        return Int8Scales(self.col_scale[span], self.row_scale, self.out_dtype)
 
     def sources(self, span: slice) -> "Int8Scales":
         """These scales for source blocks ``span`` (a GEMM over some of the K blocks)."""
@@ -426,6 +426,7 @@ def launch(
     config: Optional[GemmConfig] = None,
     target: Optional[str] = None,
     scales: Optional[Int8Scales] = None,
+    w_block_stride: Optional[int] = None,
 ) -> torch.Tensor:
     """The one GEMM launcher: ``out = A @ W^T (+ bias)`` (``+= `` with ``accumulate``).
 
@@ -435,7 +436,10 @@ def launch(
     rotates which source block the K walk starts with. ``target`` picks the source switches
     (default: this device; the tests choose ``"cuda"`` to run the clamped-row path interpreted).
     ``scales``: int8 A and W (W8A8): their dequantization (`Int8Scales`); ``out`` is then
-    allocated in ``scales.out_dtype``.
+    allocated in ``scales.out_dtype``. ``w_block_stride``: W columns from source block s to block
+    s+1 (default K/S: W is exactly ``[N, S*K/S]``). A larger one multiplies a column slice of
+    every source block: ``weight`` a view ``W[:, k0:]`` and ``w_block_stride = K_l`` read columns
+    ``[s*K_l + k0, s*K_l + k0 + K/S)`` of W for each s (the ``chunked`` schedule's K slices).
     """
     check_operands("a", a, weight, bias, peer_weight=isinstance(weight, PeerWeight), scales=scales)
     blocks = as_source_blocks(a)
@@ -444,9 +448,16 @@ def launch(
     if row_scale is not None and tuple(row_scale.shape) != (s, m):
         raise ValueError(f"scales.row_scale: expected shape {(s, m)} (source blocks x rows of a), got {tuple(row_scale.shape)}")
     n, k = weight.shape
-    if k != s * k_s:
+    block_stride = k_s if w_block_stride is None else w_block_stride
+    if w_block_stride is None and k != s * k_s:
         raise ValueError(
             f"weight: expected {s * k_s} columns (S={s} source blocks x K/S={k_s}), got shape {tuple(weight.shape)}"
+        )
+    if w_block_stride is not None and (isinstance(weight, PeerWeight) or not isinstance(block_stride, int)
+                                       or block_stride < k_s or k < (s - 1) * block_stride + k_s):
+        raise ValueError(
+            f"w_block_stride={w_block_stride!r}: expected an int >= K/S={k_s} with (S-1) * stride + K/S <= "
+            f"{k} (weight's columns, a local tensor); S={s}"
         )
     if isinstance(weight, PeerWeight):
         stride_wn, stride_wk = k, 1
@@ -464,7 +475,7 @@ def launch(
     if m == 0 or n == 0:
         return out
     target = target or platform.device_kind()
-    config = config or default_gemm_config(m, n, k, platform.device_kind(), blocks.element_size())
+    config = config or default_gemm_config(m, n, s * k_s, platform.device_kind(), blocks.element_size())
     plan = plan_decomposition(config, m, n, k_s, s, platform.num_programs("cube"))
     partial = _workspace(plan, config, blocks.device)
     tma = _uses_tma(target, blocks, weight, k_s, config)
@@ -492,7 +503,7 @@ def launch(
             a_arg, w_arg, bias_arg, out, partial, row_arg, col_arg,
             m, n, k_s, s, s_start % s, weight.entry if peer else 0,
             blocks.stride(0), blocks.stride(1), blocks.stride(2),
-            stride_wn, stride_wk,
+            block_stride * stride_wk, stride_wn, stride_wk,
             out.stride(0), out.stride(1),
             stride_rs, stride_rm,
             plan.dp_tiles, plan.sk_workers, plan.sk_iters, plan.slots_per_worker, diagonal,

@@ -7,29 +7,31 @@ its own ``c`` rows:
     out_d[j, n] = sum_{ranks} sum_k A[row(d, j), k] * W[n, k]  (+ bias[n], once)   d = group rank
 
 A is ``[M, K]`` or in all-to-all receive layout ``[S_src, M, K/S_src]`` (any strides: read in place
-by the receive-layout GEMM), ``M = S * c``. Its rows are in *pipeline order* for ``chunks`` chunks:
-``[0, c)`` is cut into consecutive chunks (`chunk_bounds`), and chunk q's rows for destinations
-0..S-1 come one after another — ``[chunk 0: dest 0 rows, dest 1 rows, ...][chunk 1: ...]``. With
-``chunks = 1`` that is plain destination-major order (``reduce_scatter``'s own layout).
-`pipeline_row_order` gives the permutation, so a producer can lay its rows out this way for free
-(FlashComm2's all-to-all send buffer is reordered anyway).
+by the receive-layout GEMM), ``M = S * c``, rows in destination-major order (destination d's rows
+are ``[d*c, (d+1)*c)``: ``reduce_scatter``'s own layout) for every ``chunks``.
 
 Paths:
 
 - plain (``chunks = 1``): one GEMM ``[M, N]``, one reduce-scatter.
-- pipelined (``chunks > 1``): for each chunk, one GEMM launch over the chunk's ``S * len_q``
-  contiguous rows, then its reduce-scatter is issued asynchronously (``async_op=True``) straight
-  into rows ``[start_q, end_q)`` of ``out``; the next chunk's GEMM runs while it is in flight. All
-  handles are waited at the end (on NPU / GPU the wait orders the compute stream after the
-  communication). Same collectives, in the same order, on every rank.
+- pipelined (``chunks > 1``): the N output columns are cut into ``chunks`` ranges
+  (`column_bounds`: whole ``BLOCK_N`` tiles, so no tile is split across two launches, at most one
+  range per tile). For each range ``[n0, n1)``: one GEMM launch over all M rows against W rows
+  ``[n0, n1)`` into a contiguous ``[M, n1 - n0]`` buffer, then its reduce-scatter is issued
+  asynchronously (``async_op=True``) into a contiguous ``[c, n1 - n0]`` buffer; the next range's
+  GEMM runs while it is in flight. Each handle is waited (on NPU / GPU the wait orders the compute
+  stream after the communication) before its result is copied into ``out[:, n0:n1]``. Every
+  element of W is read once per call, whatever ``chunks`` is (a row cut would re-read all of W
+  per chunk). Same collectives, in the same order, on every rank.
 
 The bias is added once: by group rank 0's partial. Arguments are checked before any collective,
-identically on every rank; ``A``'s shape and ``chunks`` must be equal on every rank.
+identically on every rank; ``A``'s shape, ``N``, ``config`` and ``chunks`` must be equal on every
+rank (they decide the column ranges, hence the collectives).
 
 W8A8 (``scales``: int8 A and W, `kernels.Int8Scales`): each rank's int8 GEMM dequantizes its own
 partial (the per-channel scale and, for dynamic activations, the per-source-block row scales) and
 the partials are reduce-scattered in ``scales.out_dtype`` (the model dtype), as the float path
-reduce-scatters its own.
+reduce-scatters its own. A column range takes its slice of the per-channel scales and of the bias
+(`kernels.Int8Scales.columns`); the row scales cover all M rows in every range.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch.distributed as dist
 
 from . import platform
 from .collectives import reduce_scatter_single
-from .gemm_config import GemmConfig
+from .gemm_config import GemmConfig, default_gemm_config
 from .gemm_kernel import Int8Scales
 from .recv_gemm import _as_source_blocks, check_operands, gemm
 
@@ -50,47 +52,28 @@ from .recv_gemm import _as_source_blocks, check_operands, gemm
 PIPELINE_MIN_ROWS = 64
 
 
-def chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
-    """``[0, rows)`` cut into ``min(chunks, rows)`` consecutive ranges, the first ones longer."""
+def chunk_bounds(extent: int, chunks: int, quantum: int = 1) -> list[tuple[int, int]]:
+    """``[0, extent)`` cut into consecutive ranges made of whole ``quantum``-sized units (the last
+    range ends at ``extent``, so it may hold a partial unit): ``min(chunks, ceil(extent /
+    quantum))`` ranges, none empty, the first ones one unit longer when the units do not divide
+    evenly. With ``quantum = 1``: ``min(chunks, extent)`` ranges of rows, the first ones longer."""
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise ValueError(f"chunks={chunks!r}: expected an integer >= 1")
-    count = min(chunks, rows)
+    if not isinstance(quantum, int) or quantum < 1:
+        raise ValueError(f"quantum={quantum!r}: expected an integer >= 1")
+    units = -(-extent // quantum)
+    count = min(chunks, units)
     bounds, start = [], 0
     for q in range(count):
-        length = rows // count + (1 if q < rows % count else 0)
-        bounds.append((start, start + length))
+        length = (units // count + (1 if q < units % count else 0)) * quantum
+        bounds.append((start, min(start + length, extent)))
         start += length
     return bounds
 
 
-def pipeline_row_order(rows_per_rank: int, size: int, chunks: int) -> list[int]:
-    """Position p of the pipeline order holds destination-major row ``order[p]`` (= d*c + j)."""
-    order = []
-    for start, end in chunk_bounds(rows_per_rank, chunks):
-        for d in range(size):
-            order += range(d * rows_per_rank + start, d * rows_per_rank + end)
-    return order
-
-
-def pipeline_positions(
-    rows_per_rank: int, size: int, chunks: int, dest: torch.Tensor, row: torch.Tensor
-) -> torch.Tensor:
-    """Position in pipeline order of destination ``dest``'s row ``row`` (elementwise, int64).
-
-    The inverse of `pipeline_row_order`, vectorised (a caller places T tokens without a Python
-    loop): chunk q (rows ``[start_q, start_q + len_q)`` of every destination) begins at
-    ``size * start_q``, and destination d's rows within it at ``d * len_q``."""
-    count = min(chunks, rows_per_rank)
-    if count == 0 or row.numel() == 0:
-        return torch.zeros_like(row)
-    base, extra = divmod(rows_per_rank, count)
-    long_rows = extra * (base + 1)  # the first `extra` chunks are base + 1 rows long
-    in_long = row < long_rows
-    start = torch.where(
-        in_long, (row // (base + 1)) * (base + 1), long_rows + ((row - long_rows) // max(base, 1)) * base
-    )
-    length = torch.where(in_long, base + 1, base)
-    return size * start + dest * length + (row - start)
+def column_bounds(n: int, chunks: int, block_n: int) -> list[tuple[int, int]]:
+    """The pipelined path's output-column ranges: `chunk_bounds` of N in whole ``block_n`` tiles."""
+    return chunk_bounds(n, chunks, block_n)
 
 
 def default_rs_chunks(rows_per_rank: int, n: int, size: int, device: str) -> int:
@@ -98,7 +81,8 @@ def default_rs_chunks(rows_per_rank: int, n: int, size: int, device: str) -> int
 
     - One rank, or fewer than ``PIPELINE_MIN_ROWS`` rows per rank (decode): 1, the plain path.
     - Otherwise 2 chunks, 4 from 512 rows per rank (prefill): enough to hide most of the
-      reduce-scatter behind the GEMM while every chunk's GEMM still fills the cores.
+      reduce-scatter behind the GEMM while every chunk's GEMM (all M rows, N / chunks columns)
+      still fills the cores.
     """
     if size == 1 or rows_per_rank < PIPELINE_MIN_ROWS:
         return 1
@@ -143,12 +127,14 @@ def gemm_reduce_scatter(
     """Partial GEMM on every rank of ``group``, summed and scattered: see the module docstring.
 
     Args:
-        a: ``[M, K]`` or ``[S_src, M, K/S_src]``, rows in pipeline order for ``chunks``.
+        a: ``[M, K]`` or ``[S_src, M, K/S_src]``, rows destination-major.
         weight: ``[N, K]`` this rank's (K-shard of the) weight.
         group: the group the partials are summed over (default: the world).
         bias: ``[N]`` or None; added once (by group rank 0).
-        chunks: 1 = plain path; > 1 = pipelined (capped at the rows per rank).
-        config: tile config of the GEMM (None = `default_gemm_config`).
+        chunks: 1 = plain path; > 1 = pipelined over output-column ranges (capped at one range
+            per ``BLOCK_N`` tile).
+        config: tile config of the GEMM (None = `default_gemm_config` of the whole ``[M, N, K]``
+            product, for every range).
         out: optional ``[M / S, N]`` contiguous output.
         scales: int8 ``a`` and ``weight`` (W8A8): their `kernels.Int8Scales` (row scales
             ``[S_src, M]`` in a's row order); the partials and the output are in their
@@ -175,22 +161,28 @@ def gemm_reduce_scatter(
     own_bias = bias if rank == 0 else None
     if size == 1:
         return gemm(blocks, weight, own_bias, out=out, config=config, scales=scales)
-    bounds = chunk_bounds(rows, chunks)
-    partial = torch.empty((m, n), dtype=out_dtype, device=blocks.device)
+    config = config or default_gemm_config(m, n, weight.shape[1], platform.device_kind(), blocks.element_size())
+    bounds = column_bounds(n, chunks, config.block_n)
+    partial = torch.empty((m * n,), dtype=out_dtype, device=blocks.device)
     if len(bounds) == 1:
+        partial = partial.view(m, n)
         gemm(blocks, weight, own_bias, out=partial, config=config, scales=scales)
         reduce_scatter_single(out, partial, group=group)
         return out
+    # Range [n0, n1) of the partials is the contiguous [M, n1 - n0] block at offset M * n0 (so one
+    # reduce-scatter moves it), its reduced rows the [c, n1 - n0] block at c * n0 of `reduced`.
+    reduced = torch.empty((rows * n,), dtype=out_dtype, device=blocks.device)
     pending = []
-    offset = 0
-    for start, end in bounds:
-        span = slice(offset, offset + size * (end - start))
-        gemm(blocks[:, span], weight, own_bias, out=partial[span], config=config,
-             scales=None if scales is None else scales.rows(span))
-        pending.append(reduce_scatter_single(out[start:end], partial[span], group=group, async_op=True))
-        offset = span.stop
-    for handle in pending:
+    for n0, n1 in bounds:
+        width = n1 - n0
+        product = partial[m * n0 : m * n1].view(m, width)
+        gemm(blocks, weight[n0:n1], None if own_bias is None else own_bias[n0:n1], out=product, config=config,
+             scales=None if scales is None else scales.columns(slice(n0, n1)))
+        mine = reduced[rows * n0 : rows * n1].view(rows, width)
+        pending.append((reduce_scatter_single(mine, product, group=group, async_op=True), mine, n0, n1))
+    for handle, mine, n0, n1 in pending:
         handle.wait()
+        out[:, n0:n1].copy_(mine)
     return out
 
 

@@ -97,7 +97,7 @@ def gemm_spec(
         "bias_ptr": f"*{c_element}", "c_ptr": f"*{'fp32' if accumulate else c_element}", "partial_ptr": "*fp32",
         "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32",
         "M": "i32", "N": "i32", "K_S": "i32", "S": "i32", "s_start": "i32", "w_entry": "i32",
-        "stride_as": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_cm": "i32",
+        "stride_as": "i32", "stride_am": "i32", "stride_ws": "i32", "stride_wn": "i32", "stride_cm": "i32",
         "stride_rs": "i32", "stride_rm": "i32",
         "dp_tiles": "i32", "sk_workers": "i32", "sk_iters": "i32", "slots_per_worker": "i32", "diagonal": "i32",
     }
@@ -107,8 +107,8 @@ def gemm_spec(
     aligned = ["bias_ptr", "c_ptr", "partial_ptr", "row_scale_ptr", "col_scale_ptr", "N", "stride_as", "stride_am",
                "stride_wn", "stride_cm"]
     aligned += [] if tma else ["a_ptr", "w_ptr"]
-    if k_s % 16 == 0:
-        aligned.append("K_S")
+    if k_s % 16 == 0:  # the source-block stride is K_S (whole W) or K_l (a K slice): 16-multiples alike
+        aligned += ["K_S", "stride_ws"]
     return KernelSpec(gemm_kernel, signature, constexprs, _compile_options(config, target), tuple(aligned))
 
 

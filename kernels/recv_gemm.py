@@ -39,6 +39,7 @@ def gemm(
     s_start: int = 0,
     config: Optional[GemmConfig] = None,
     scales: Optional[Int8Scales] = None,
+    w_block_stride: Optional[int] = None,
 ) -> torch.Tensor:
     """``out = A @ weight^T (+ bias)`` with A as ``[M, K]`` or in receive layout ``[S, M, K/S]``.
 
@@ -48,6 +49,8 @@ def gemm(
     source block the K walk begins with. ``config`` picks tiles, tile order, grid size and the
     split-K / stream-K decomposition (None = `kernels.default_gemm_config`). ``scales``: int8 A
     and W (W8A8) and their dequantization (`kernels.Int8Scales`); the output is then in
-    ``scales.out_dtype`` and the bias float32 or that dtype.
+    ``scales.out_dtype`` and the bias float32 or that dtype. ``w_block_stride``: W columns between
+    source blocks (`kernels.gemm_kernel.launch`; default K/S).
     """
-    return launch(a, weight, bias, out=out, accumulate=accumulate, s_start=s_start, config=config, scales=scales)
+    return launch(a, weight, bias, out=out, accumulate=accumulate, s_start=s_start, config=config, scales=scales,
+                  w_block_stride=w_block_stride)

@@ -5,8 +5,8 @@ Each takes one validated call (`kernels.all_to_all_gemm._Call`: x ``[T, K_l]``, 
 dense product, zero past T. State (workspaces, heap) comes from the call's `A2AGemmContext`;
 without one, ``chunked`` and ``ring`` make a context for the call (workspaces allocated per call:
 pass a context to reuse them). Every decision that shapes the collectives (sub-chunk count, step
-order, which transfers are empty) is computed from values every rank shares (T, S, K_l,
-``config.chunks``), so all ranks issue the same collectives in the same order.
+order, which transfers are empty) is computed from values every rank shares (T, S, K_l, N,
+``config``), so all ranks issue the same collectives in the same order.
 
 Stream order (proven by `tests/test_stream_order.py` on the recording fake device, with every
 wait shown necessary): transfers are issued with ``async_op=True`` on the current stream (on
@@ -14,12 +14,18 @@ NCCL / HCCL they wait for what is queued there: the packing of their input, the 
 read their receive buffer) and each is waited (`kernels.a2a_context.Pending`) before its data is
 used and before its buffers are reused; a call returns with every transfer joined.
 
-- ``chunked``: my chunk's c rows are cut into ``q = ceil(c / ceil(c / chunks))`` sub-chunks (at
-  most ``chunks``, at most c, none empty). The all-to-all of sub-chunk i+1 is in flight while the
-  receive-layout GEMM multiplies sub-chunk i straight from its receive buffer ``[S, rows, K_l]``.
-  The send side packs each sub-chunk's S row slices of x into one buffer (``all_to_all_single``
-  takes one contiguous input; gloo's list ``all_to_all`` needs equal sizes): T*K_l elements per
-  call in all, the volume that is sent anyway. Send and receive buffers alternate between two.
+- ``chunked``: K_l is cut into ``config.chunks`` slices (`chunk_slices`: whole ``BLOCK_K`` steps,
+  at most one slice per step, none empty). Slice j is columns ``[k0, k1)`` of every token's row:
+  its all-to-all brings me those columns of every source rank's heads for my c rows (receive
+  layout ``[S, m, k1 - k0]``), and the receive-layout GEMM adds ``A_j @ W[:, s*K_l + k0 : s*K_l +
+  k1]^T`` over the source blocks s into an fp32 ``[c, N]`` accumulator (the output itself for
+  fp32; initialised with the bias, so it is added once; one cast at the end). The all-to-all of
+  slice j+1 is in flight during slice j's GEMM. Each GEMM reads only its slice's columns of W, so
+  a call reads W once whatever ``chunks`` is (a token cut would re-read all of W per sub-chunk).
+  The send side packs each slice's columns of all T rows into one buffer (``all_to_all_single``
+  takes one contiguous input): T*K_l elements per call in all, the volume that is sent anyway
+  (dynamic W8A8: each token's scale travels once, in slice 0's row tail). Send and receive
+  buffers alternate between two.
 - ``ring``: K is split by source rank. Step 0 multiplies my own head block (no communication)
   into an fp32 accumulator; step t = 1..S-1 receives the block of source ``r - t`` and sends mine
   to ``r + t`` (``batch_isend_irecv``; step t+1's transfer is in flight during step t's GEMM) and
@@ -47,8 +53,15 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.distributed as dist
 
+import math
+
+from . import platform
 from .a2a_context import A2AGemmContext, Pending
+from .gemm_config import GemmConfig, default_gemm_config
+from .gemm_kernel import Int8Scales
+from .gemm_reduce_scatter import chunk_bounds
 from .pull_gemm import gather_rows, pull_gemm
+from .quantize import ROW_ALIGNMENT, packed_row_bytes, scale_offset
 from .recv_gemm import gemm
 
 if TYPE_CHECKING:  # the registry lives in all_to_all_gemm, which imports this module
@@ -69,7 +82,8 @@ def reserve_workspaces(
     context: A2AGemmContext, size: int, tokens: int, k_local: int, n: int, dtype: torch.dtype
 ) -> None:
     """Size ``context``'s ``chunked`` and ``ring`` workspaces for calls of up to ``tokens``
-    tokens (group size ``size``, x ``[T, k_local]``, N = ``n``), so that no later call allocates."""
+    tokens (group size ``size``, x ``[T, k_local]``, N = ``n``), so that no later call allocates
+    (a K slice is at most K_l wide; both accumulators are fp32 ``[c, N]``)."""
     chunk = -(-tokens // size)
     element = torch.empty((), dtype=dtype).element_size()
     for b in range(2):
@@ -77,6 +91,8 @@ def reserve_workspaces(
         context.reserve(f"chunked.send{b}", size * chunk * k_local * element)
         context.reserve(f"ring.recv{b}", chunk * k_local * element)
     context.reserve("ring.acc", chunk * n * 4)
+    context.reserve("chunked.acc", chunk * n * 4)
+    context.reserve("chunked.scales", size * chunk * 4)
 
 
 def _step_gemm(call: "_Call", rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -95,6 +111,20 @@ def _local_only(call: "_Call", out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def k_slices(k_local: int, chunks: int, block_k: int, int8: bool = False) -> list[tuple[int, int]]:
+    """``chunked``'s K slices ``[k0, k1)`` of K_l: `chunk_bounds` in whole ``BLOCK_K`` steps (int8:
+    also whole 16-byte units, so each slice's packed rows stay aligned), at most ``chunks``."""
+    return chunk_bounds(k_local, chunks, math.lcm(block_k, ROW_ALIGNMENT) if int8 else block_k)
+
+
+def chunk_slices(call: "_Call") -> tuple[GemmConfig, list[tuple[int, int]]]:
+    """``chunked``'s GEMM config and `k_slices`, from values every rank shares (c, N, K, ``config``)."""
+    k_local, n = call.x.shape[1], call.weight.shape[0]
+    element = 1 if call.w8a8 is not None else call.x.element_size()
+    config = call.config.gemm or default_gemm_config(call.chunk, n, call.size * k_local, platform.device_kind(), element)
+    return config, k_slices(k_local, call.config.chunks, config.block_k, call.w8a8 is not None)
+
+
 def chunked(call: "_Call") -> torch.Tensor:
     out = call.new_output()
     size, rank, chunk = call.size, call.rank, call.chunk
@@ -102,41 +132,71 @@ def chunked(call: "_Call") -> torch.Tensor:
         return out
     if size == 1:
         return _local_only(call, out)
-    x = call.send_rows()
-    k_local = x.shape[1]  # the row width sent (K_l, or a packed int8 row)
-    sub = -(-chunk // min(call.config.chunks, chunk))  # rows per sub-chunk
-    count = -(-chunk // sub)
+    x = call.send_rows()  # [T, row_width]: x, or its packed int8 rows
+    k_local, n = call.x.shape[1], call.weight.shape[0]
+    dynamic = call.w8a8 is not None and call.w8a8.dynamic
+    config, slices = chunk_slices(call)
+    m = call.rows(rank)
+    splits = [call.rows(p) for p in range(size)]
     context = _context_for(call)
-    receive = [context.workspace(f"chunked.recv{b}", (size * sub, k_local), x.dtype, x.device) for b in range(2)]
-    send = [context.workspace(f"chunked.send{b}", (size * sub, k_local), x.dtype, x.device) for b in range(2)]
+    widths = [_slice_width(k1 - k0, dynamic and j == 0) for j, (k0, k1) in enumerate(slices)]
+    receive = [context.workspace(f"chunked.recv{b}", (size * m * max(widths),), x.dtype, x.device) for b in range(2)]
+    send = [context.workspace(f"chunked.send{b}", (call.tokens * max(widths),), x.dtype, x.device) for b in range(2)]
+    if x.dtype == torch.float32:
+        acc = out[:m]  # accumulate in the output itself: nothing to cast
+    else:
+        acc = context.workspace("chunked.acc", (m, n), torch.float32, x.device)
+    # The bias, once, as the accumulator's initial value; every slice then adds its product.
+    if call.bias is not None:
+        acc.copy_(call.bias.expand(m, n))
+    else:
+        acc.zero_()
+    # Dynamic W8A8: the per-token scales arrive with slice 0 only; kept here for the later slices
+    # (slice 0's receive buffer is reused by slice 2).
+    row_scales = context.workspace("chunked.scales", (size, m), torch.float32, x.device) if dynamic else None
 
-    def piece(p: int, i: int) -> int:
-        """Rows of sub-chunk i of token chunk p (0 past the end of T)."""
-        return max(0, min(sub, call.rows(p) - i * sub))
-
-    def issue(i: int) -> Pending:
-        # Pack sub-chunk i's S pieces (row slices of x) into one send buffer: all_to_all_single
-        # needs one contiguous input, and gloo's list all_to_all needs equal sizes. The buffer
-        # packed here was last read by transfer i-2, which the current stream has waited for.
-        # Sub-chunk i has rows in chunk 0 (the longest one), so every rank sends something.
-        pieces = [piece(p, i) for p in range(size)]
-        mine = pieces[rank]
-        packed = send[i % 2][: sum(pieces)]
-        torch.cat([x[p * chunk + i * sub : p * chunk + i * sub + pieces[p]] for p in range(size)], out=packed)
-        received = receive[i % 2][: size * mine]
-        work = dist.all_to_all_single(received, packed, [mine] * size, pieces, group=call.group, async_op=True)
+    def issue(j: int) -> Pending:
+        # Slice j of every token's row (chunk p = rows [p*c, p*c + rows(p)), so the pieces for
+        # destinations 0..S-1 follow one another), packed contiguous: all_to_all_single needs one
+        # contiguous input. Dynamic W8A8: slice 0's rows also carry the token's scale in their tail
+        # (`kernels.quantize`'s layout for a K_l of k1 - k0), so the call sends what `sequential`
+        # sends. The buffer packed here was last read by transfer j-2, which the current stream
+        # has waited for.
+        (k0, k1), width = slices[j], widths[j]
+        packed = send[j % 2][: call.tokens * width].view(call.tokens, width)
+        packed[:, : k1 - k0].copy_(x[:, k0:k1])
+        if dynamic and j == 0:
+            packed[:, scale_offset(k1 - k0) :].copy_(x[:, scale_offset(k_local) :])
+        received = receive[j % 2][: size * m * width].view(size * m, width)
+        work = dist.all_to_all_single(received, packed, [m] * size, splits, group=call.group, async_op=True)
         return Pending((work,))
 
     pending = issue(0)
-    for i in range(count):
-        following = issue(i + 1) if i + 1 < count else None
+    for j, (k0, k1) in enumerate(slices):
+        following = issue(j + 1) if j + 1 < len(slices) else None
         pending.wait()
-        mine = piece(rank, i)
-        if mine:
-            blocks = receive[i % 2][: size * mine].view(size, mine, k_local)  # receive layout
-            _step_gemm(call, blocks, call.weight, call.bias, out[i * sub : i * sub + mine])
+        if m:
+            blocks = receive[j % 2][: size * m * widths[j]].view(size, m, widths[j])  # receive layout
+            if dynamic and j == 0:
+                a, scales = call.operands(blocks, k1 - k0)
+                row_scales.copy_(scales.row_scale)
+            elif dynamic:
+                a, scales = blocks, Int8Scales(call.w8a8.weight_scale, row_scales, call.x.dtype)
+            else:
+                a, scales = call.operands(blocks, k1 - k0)
+            # W columns [s*K_l + k0, s*K_l + k1) of each source block s: W read once over the slices.
+            gemm(a, call.weight[:, k0:], None, out=acc, accumulate=True, config=config, scales=scales,
+                 w_block_stride=k_local)
         pending = following
+    if m and acc.data_ptr() != out.data_ptr():
+        out[:m].copy_(acc)
     return out
+
+
+def _slice_width(width: int, with_scale: bool) -> int:
+    """Elements per token of a slice of ``width`` columns on the wire (with the dynamic scale: its
+    packed row)."""
+    return packed_row_bytes(width, True) if with_scale else width
 
 
 def ring(call: "_Call") -> torch.Tensor:

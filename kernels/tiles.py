@@ -103,14 +103,16 @@ def store_tile(acc, c_ptr, bias_ptr, rm, rn, mask_m, mask_n, stride_cm, stride_c
 @triton.jit
 def tile_product(a_src, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, step_lo, step_hi,
                  M, N, K_S, S, s_start, k_steps,
-                 stride_as, stride_am, stride_ak, stride_wn, stride_wk, stride_rs, stride_rm,
+                 stride_as, stride_am, stride_ak, stride_ws, stride_wn, stride_wk, stride_rs, stride_rm,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, TMA: tl.constexpr, MASK_MN: tl.constexpr,
                  ASCEND_HINTS: tl.constexpr, INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr):
     """fp32 ``[BLOCK_M, BLOCK_N]`` sum over K steps ``[step_lo, step_hi)`` of one output tile.
 
     K step ``step`` is step ``step % k_steps`` of source block ``(step // k_steps + s_start) % S``
-    (receive layout: A block s is ``a[s]``, W columns ``[s*K_S, (s+1)*K_S)``). One flat loop, so
+    (receive layout: A block s is ``a[s]``, W block s starts ``s * stride_ws`` elements in: columns
+    ``[s*K_S, (s+1)*K_S)`` when ``stride_ws = K_S``, or a column slice of each source's heads when
+    W is a view ``weight[:, k0:]`` and ``stride_ws = K_l``). One flat loop, so
     CUDA's software pipeline sees a single long loop; a whole tile is ``[0, S * k_steps)``, a
     split-K / stream-K piece any sub-range.
 
@@ -150,7 +152,7 @@ def tile_product(a_src, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, step_
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             for k_step in range(tl.maximum(step_lo - blk * k_steps, 0), tl.minimum(step_hi - blk * k_steps, k_steps)):
                 a, w = step_operands(a_src, w_src, s, k_step * BLOCK_K, pid_m, pid_n, rm, rn, mask_m, mask_n, K_S,
-                                     stride_as, stride_am, stride_ak, stride_wn, stride_wk,
+                                     stride_as, stride_am, stride_ak, stride_ws, stride_wn, stride_wk,
                                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS)
                 part = tl.dot(a, tl.trans(w), part)
             row_scale = tl.load(row_scale_ptr + s * stride_rs + rm * stride_rm, mask=mask_m, other=0.0)
@@ -161,7 +163,7 @@ def tile_product(a_src, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, step_
         for step in range(step_lo, step_hi):
             a, w = step_operands(a_src, w_src, (step // k_steps + s_start) % S, (step % k_steps) * BLOCK_K,
                                  pid_m, pid_n, rm, rn, mask_m, mask_n, K_S,
-                                 stride_as, stride_am, stride_ak, stride_wn, stride_wk,
+                                 stride_as, stride_am, stride_ak, stride_ws, stride_wn, stride_wk,
                                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, MASK_MN, ASCEND_HINTS)
             if QUANT == QUANT_STATIC:
                 part = tl.dot(a, tl.trans(w), part)
@@ -177,18 +179,18 @@ def tile_product(a_src, w_src, row_scale_ptr, col_scale_ptr, pid_m, pid_n, step_
 
 @triton.jit
 def step_operands(a_src, w_src, s, k0, pid_m, pid_n, rm, rn, mask_m, mask_n, K_S,
-                  stride_as, stride_am, stride_ak, stride_wn, stride_wk,
+                  stride_as, stride_am, stride_ak, stride_ws, stride_wn, stride_wk,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_K: tl.constexpr, TMA: tl.constexpr, MASK_MN: tl.constexpr, ASCEND_HINTS: tl.constexpr):
     """The A tile ``[BLOCK_M, BLOCK_K]`` and W tile ``[BLOCK_N, BLOCK_K]`` at column ``k0`` of
     source block ``s`` (see `tile_product` for where they come from)."""
     if TMA:
         a = a_src.load([s, pid_m * BLOCK_M, k0]).reshape(BLOCK_M, BLOCK_K)
-        w = w_src.load([pid_n * BLOCK_N, s * K_S + k0])
+        w = w_src.load([pid_n * BLOCK_N, s * stride_ws + k0])
     else:
         kk = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
         a_ptrs = a_src + s * stride_as + rm[:, None] * stride_am + kk[None, :] * stride_ak
-        w_ptrs = w_src + rn[:, None] * stride_wn + (s * K_S + kk)[None, :] * stride_wk
+        w_ptrs = w_src + s * stride_ws + rn[:, None] * stride_wn + kk[None, :] * stride_wk
         a, w = load_tile_pair(a_ptrs, w_ptrs, mask_m, mask_n, kk, K_S, EVEN_K, MASK_MN)
     if ASCEND_HINTS:
         # triton-ascend's matmul guidance: the cube pads dot operands along K only.

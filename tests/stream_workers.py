@@ -102,7 +102,7 @@ def oshared_run(transport: str, layers: int, prefetch_step: int, passes: int = 3
 def rs_run(cases: list, drop=None):
     """Pipelined (and plain) `kernels.gemm_reduce_scatter` calls under the recorder, reusing one
     ``out`` buffer call after call. Cases: (seed, rows per rank, k_shard, n, dtype, chunks)."""
-    from kernels.gemm_reduce_scatter import gemm_reduce_scatter, pipeline_row_order
+    from kernels.gemm_reduce_scatter import gemm_reduce_scatter
     from kernels.stream_recorder import StreamRecorder
 
     size, rank = dist.get_world_size(), dist.get_rank()
@@ -113,8 +113,7 @@ def rs_run(cases: list, drop=None):
             a_full = torch.randn(size * rows, size * k_shard, generator=gen).to(dtype)
             w_full = (torch.randn(n, size * k_shard, generator=gen) / (size * k_shard) ** 0.5).to(dtype)
             cols = slice(rank * k_shard, (rank + 1) * k_shard)
-            order = torch.tensor(pipeline_row_order(rows, size, chunks), dtype=torch.long)
-            a = a_full[:, cols][order]
+            a = a_full[:, cols]
             weight = w_full[:, cols].contiguous()
             out = gemm_reduce_scatter(a, weight, chunks=chunks)
             recorder.reuse(a, weight, out)

@@ -71,8 +71,9 @@ def test_infeasible_points_say_why():
     reasons = {space.infeasible(p) for p in space.all_params()} - {None}
     assert any(r.startswith("not among the candidate configs") for r in reasons)
     if "chunked" in space.schedules:
-        chunked = dict(space.default_params(), schedule="chunked", chunks=4)
-        assert "shape: 4 token sub-chunks but only 2 tokens per rank" in space.infeasible(chunked)
+        chunks = space.problem.k_local // space.config(space.default_params()).gemm.block_k + 1
+        chunked = dict(space.default_params(), schedule="chunked", chunks=chunks)
+        assert f"shape: {chunks} K slices but K_l={space.problem.k_local} holds only {chunks - 1}" in space.infeasible(chunked)
     npu = A2AGemmSpace(_problem("npu", tokens=512, tp=8, model="qwen3-32b"))
     over = [p for p in npu.all_params() if (npu.infeasible(p) or "").startswith("on-chip budget")]
     for params in over:

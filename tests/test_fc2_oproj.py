@@ -93,7 +93,8 @@ def test_otp1_matches_dense(pools, tp):
 
 
 def test_otp2_tp4_plain_and_pipelined_match_dense(pools):
-    # rs_chunks 1 = plain GEMM + reduce-scatter; 3 = pipelined (capped at the rows per rank).
+    # rs_chunks 1 = plain GEMM + reduce-scatter; 3 = pipelined (capped at the N tiles: two 32-wide
+    # tiles of the 48 output columns).
     _assert_report(pools(4).run(_run_cases, 4, 2, 1, _matrix((1, 3)), timeout=300))
 
 

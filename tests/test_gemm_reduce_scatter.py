@@ -34,7 +34,7 @@ def _expected(a_full, w_full, b, rows, d):
 
 
 def _check(cases, group_ranks=None):
-    from kernels.gemm_reduce_scatter import gemm_reduce_scatter, pipeline_row_order
+    from kernels.gemm_reduce_scatter import gemm_reduce_scatter
 
     group = subgroup(tuple(group_ranks)) if group_ranks else None
     if group_ranks and dist.get_rank() not in group_ranks:
@@ -45,8 +45,7 @@ def _check(cases, group_ranks=None):
         dtype = DTYPES[dtype_name]
         a_full, w_full, b = _problem(seed, size, rows, k_shard, n, dtype, bias)
         cols = slice(rank * k_shard, (rank + 1) * k_shard)
-        order = torch.tensor(pipeline_row_order(rows, size, chunks), dtype=torch.long)
-        a = a_full[:, cols][order]
+        a = a_full[:, cols]
         if receive_layout:  # [2, M, k_shard/2]: two source blocks along K, a strided view
             a = a.view(size * rows, 2, k_shard // 2).transpose(0, 1)
         out = gemm_reduce_scatter(a, w_full[:, cols].contiguous(), group, bias=b, chunks=chunks)
@@ -66,7 +65,8 @@ def _assert(per_rank):
 def _cases():
     cases = []
     for i, (rows, chunks) in enumerate([(1, 1), (1, 3), (5, 1), (5, 2), (5, 5), (7, 3), (16, 4), (3, 8)]):
-        cases.append((100 + i, rows, 32, 48 if i % 2 else 40, "bf16" if i % 3 == 2 else "fp32", i % 2 == 0, chunks, i % 4 == 1))
+        # N = 100: four 32-column tiles of the interpreter's default config, the last one partial.
+        cases.append((100 + i, rows, 32, 100 if i % 2 else 40, "bf16" if i % 3 == 2 else "fp32", i % 2 == 0, chunks, i % 4 == 1))
     return cases
 
 
@@ -76,7 +76,7 @@ def test_plain_and_pipelined_match_dense(pools, size):
 
 
 def test_subgroup_non_contiguous(pools):
-    cases = [(7, 6, 16, 32, "fp32", True, 3, False), (8, 2, 16, 32, "fp32", False, 1, True)]
+    cases = [(7, 6, 16, 100, "fp32", True, 3, False), (8, 2, 16, 32, "fp32", False, 1, True)]
     per_rank = pools(4).run(_check, cases, group_ranks=(1, 3), timeout=120)
     assert per_rank[0] == [] and per_rank[2] == []
     _assert([per_rank[1], per_rank[3]])
@@ -90,23 +90,25 @@ def test_group_of_one_without_distributed():
     assert relative_error(out, _expected(a_full, w_full, b, 9, 0)) <= 1e-4
 
 
-def test_pipeline_order_and_positions_agree():
-    from kernels.gemm_reduce_scatter import chunk_bounds, pipeline_positions, pipeline_row_order
+def test_chunk_bounds_rows_and_whole_units():
+    from kernels.gemm_reduce_scatter import chunk_bounds, column_bounds
 
     assert chunk_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
     assert chunk_bounds(2, 5) == [(0, 1), (1, 2)]
     assert chunk_bounds(0, 4) == []
-    assert pipeline_row_order(3, 2, 1) == [0, 1, 2, 3, 4, 5]
-    assert pipeline_row_order(3, 2, 2) == [0, 1, 3, 4, 2, 5]
-    for rows in range(0, 9):
-        for size in (1, 2, 3):
-            for chunks in (1, 2, 4):
-                order = pipeline_row_order(rows, size, chunks)
-                assert sorted(order) == list(range(rows * size))
-                index = torch.arange(rows * size)
-                dest, row = (index // rows, index % rows) if rows else (index, index)
-                positions = pipeline_positions(rows, size, chunks, dest, row).tolist()
-                assert [order[p] for p in positions] == index.tolist()
+    # Whole units of 32, the last range ending at the extent; no more ranges than units.
+    assert column_bounds(100, 2, 32) == [(0, 64), (64, 100)]
+    assert column_bounds(100, 3, 32) == [(0, 64), (64, 96), (96, 100)]
+    assert column_bounds(100, 8, 32) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+    assert column_bounds(20, 4, 32) == [(0, 20)]
+    for extent in range(0, 70):
+        for chunks in (1, 2, 3, 4, 7):
+            for quantum in (1, 16, 32):
+                bounds = chunk_bounds(extent, chunks, quantum)
+                assert [a for a, _ in bounds[1:]] == [b for _, b in bounds[:-1]]
+                assert (bounds[0][0], bounds[-1][1]) == (0, extent) if extent else bounds == []
+                assert len(bounds) == min(chunks, -(-extent // quantum))
+                assert all(b > a for a, b in bounds) and all(a % quantum == 0 for a, _ in bounds)
 
 
 def test_default_rs_chunks_rule():

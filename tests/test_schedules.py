@@ -78,9 +78,9 @@ def _matrix(schedule, size, dtype_name):
     return [
         (100 + size, 1, 16, 48, dtype_name, True, False, schedule, 2),  # T < S (for S > 1)
         (200 + size, 3, 32, 16, dtype_name, False, True, schedule, 3),  # T < S for S = 4
-        (300 + size, 17, 16, 80, dtype_name, True, True, schedule, 4),  # T not divisible by S
+        (300 + size, 17, 80, 80, dtype_name, True, True, schedule, 4),  # T not divisible by S, 3 K slices
         (400 + size, 2 * size, 48, 32, dtype_name, False, False, schedule, 2),  # T = 2S, K_l % 32 != 0
-        (500 + size, 37, 32, 48, dtype_name, True, False, schedule, 5),  # several sub-chunks per rank
+        (500 + size, 37, 96, 48, dtype_name, True, False, schedule, 5),  # several sub-chunks (3 K slices)
     ]
 
 
@@ -95,11 +95,14 @@ def test_matches_dense_reference(pools, schedule, size, dtype_name):
 
 
 @pytest.mark.parametrize("size", [2, 4])
-def test_chunk_counts_larger_than_token_count(pools, size):
+def test_chunk_counts_larger_than_the_k_steps(pools, size):
+    # chunked cuts K_l in whole 32-wide K steps (the interpreter's default): more chunks than steps
+    # is the same run as one slice per step.
     cases = [
-        (11, 5, 16, 48, "fp32", True, False, "chunked", 100),
-        (12, 1, 16, 32, "bf16", False, True, "chunked", 7),
-        (13, 9, 32, 16, "fp16", True, False, "chunked", 9),  # exactly c... and more than c
+        (11, 5, 80, 48, "fp32", True, False, "chunked", 100),
+        (12, 1, 48, 32, "bf16", False, True, "chunked", 7),
+        (13, 9, 64, 16, "fp16", True, False, "chunked", 2),  # exactly the K steps
+        (15, 9, 64, 16, "fp16", True, False, "chunked", 9),  # ... and more than them
         (14, 9, 32, 16, "fp32", False, False, "chunked", 1),  # one chunk: the sequential case
     ]
     _assert_report(pools(size).run(_run_cases, cases, timeout=DEADLINE))

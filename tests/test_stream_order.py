@@ -195,11 +195,12 @@ def _assert_numerics(results, tolerance):
 
 #: Calls reusing one context: (seed, T, K_l, N, dtype, chunks). T changes (uneven, T < S for 4
 #: ranks, T not divisible by S), dtypes alternate (ring's fp32 accumulator workspace, bf16 casts).
+#: K_l 48 / 80: two / three K slices of the interpreter's 32-wide K step for `chunked`.
 SCHEDULE_CASES = [
-    (1, 13, 16, 32, torch.float32, 3),
-    (2, 9, 16, 32, torch.bfloat16, 2),
-    (3, 3, 16, 48, torch.float32, 2),
-    (4, 13, 16, 32, torch.float32, 3),
+    (1, 13, 80, 32, torch.float32, 3),
+    (2, 9, 48, 32, torch.bfloat16, 2),
+    (3, 3, 48, 48, torch.float32, 2),
+    (4, 13, 80, 32, torch.float32, 3),
 ]
 
 
@@ -217,8 +218,9 @@ def test_schedules_every_wait_is_needed(pools, schedule, size):
 
 @pytest.mark.parametrize("size", [2, 4])
 def test_pipelined_reduce_scatter_every_wait_is_needed(pools, size):
-    cases = [(1, 6, 16, 32, torch.float32, 3), (2, 5, 16, 32, torch.bfloat16, 2), (3, 6, 16, 32, torch.float32, 1),
-             (4, 7, 16, 32, torch.float32, 4)]
+    # N = 100: four column tiles of the interpreter's 32-wide default, so 2-4 chunks pipeline.
+    cases = [(1, 6, 16, 100, torch.float32, 3), (2, 5, 16, 100, torch.bfloat16, 2), (3, 6, 16, 32, torch.float32, 1),
+             (4, 7, 16, 100, torch.float32, 4)]
     results = pools(size).run(stream_workers.rs_run, cases, timeout=DEADLINE)
     _assert_numerics(results, 3e-2)
     sites, kinds, _ = _assert_clean_and_necessary(results)

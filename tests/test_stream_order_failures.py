@@ -49,11 +49,12 @@ def failure_then_auto(schedule: str, failing_rank: int) -> dict:
 
     size, rank = dist.get_world_size(), dist.get_rank()
     context = kernels.A2AGemmContext(max_input_bytes=4096)
-    x_full, weight, b = make_problem(1, 64, size * 16, 32, torch.float32, True)
+    k_local = 64 if schedule == "chunked" else 16  # chunked: two K slices of the interpreter's 32-wide step
+    x_full, weight, b = make_problem(1, 64, size * k_local, 32, torch.float32, True)
     restore = _fail_once_at(schedules, "gemm", size if schedule == "ring" else 2, failing_rank)
     failed = None
     try:
-        kernels.all_to_all_gemm(x_full[:, rank * 16 : (rank + 1) * 16], weight, bias=b, schedule=schedule,
+        kernels.all_to_all_gemm(x_full[:, rank * k_local : (rank + 1) * k_local], weight, bias=b, schedule=schedule,
                                 config={"chunks": 2}, context=context)
     except torch.OutOfMemoryError as error:
         failed = str(error)
@@ -194,18 +195,19 @@ def workspace_history(schedule: str, token_counts: list, reserve: int = 0) -> di
         heap_calls[0] += 1
         return allocate(self, *args, **kwargs)
 
+    k_local = 64 if schedule == "chunked" else 16  # chunked: two K slices of the interpreter's 32-wide step
     context = kernels.A2AGemmContext(max_input_bytes=64 * 16 * 2 if schedule == "pull" else None)
     symmetric_heap.SymmetricHeap.allocate = counting
     try:
         if reserve:
             from kernels.schedules import reserve_workspaces
 
-            reserve_workspaces(context, size, reserve, 16, 32, torch.bfloat16)
+            reserve_workspaces(context, size, reserve, k_local, 32, torch.bfloat16)
         after = []
         errors = []
         for seed, tokens in enumerate(token_counts):
-            x_full, weight, b = make_problem(seed, tokens, size * 16, 32, torch.bfloat16, False)
-            out = kernels.all_to_all_gemm(x_full[:, rank * 16 : (rank + 1) * 16], weight, schedule=schedule,
+            x_full, weight, b = make_problem(seed, tokens, size * k_local, 32, torch.bfloat16, False)
+            out = kernels.all_to_all_gemm(x_full[:, rank * k_local : (rank + 1) * k_local], weight, schedule=schedule,
                                           config={"chunks": 2}, context=context)
             errors.append(relative_error(out, dense_chunk(x_full, weight, b, size, rank)))
             pointers = sorted(buffer.data_ptr() for buffer in context._workspaces.values())

@@ -249,7 +249,7 @@ KILL_POINTS = {
     "heap-setup": ("pull", "kernels.symmetric_heap:_PosixShm", "_create", 0, True),  # its file made
     "pull": ("pull", "kernels.symmetric_heap:SymmetricHeap", "barrier", 1, False),  # 2nd call
     "ring": ("ring", "kernels.schedules", "gemm", 4, False),  # 2nd call, step 1, step 2 in flight
-    "chunked": ("chunked", "kernels.schedules", "gemm", 5, False),  # 2nd call, sub-chunk 1
+    "chunked": ("chunked", "kernels.schedules", "gemm", 6, False),  # 2nd call, K slice 1, slice 2 in flight
 }
 
 
@@ -263,9 +263,10 @@ def _call_and_maybe_die(point, victim):
     context = None
     try:
         context = kernels.A2AGemmContext(max_input_bytes=1 << 14)
+        k_local = 128 if schedule == "chunked" else 16  # chunked: four K slices of the interpreter's 32-wide step
         for call in range(3):  # a good call first (the victim dies in a later one)
-            x_full, weight, b = make_problem(call, 48, size * 16, 32, torch.float32, True)
-            out = kernels.all_to_all_gemm(x_full[:, rank * 16 : (rank + 1) * 16], weight, bias=b, schedule=schedule,
+            x_full, weight, b = make_problem(call, 48, size * k_local, 32, torch.float32, True)
+            out = kernels.all_to_all_gemm(x_full[:, rank * k_local : (rank + 1) * k_local], weight, bias=b, schedule=schedule,
                                           config={"chunks": 4}, context=context)
             assert relative_error(out, dense_chunk(x_full, weight, b, size, rank)) <= 1e-4
     except Exception as error:
