@@ -82,20 +82,22 @@ def gemm_spec(
     target: str = "npu",
     quant: str = "none",
     out_dtype: torch.dtype = torch.bfloat16,
+    fp32_out: bool = False,
 ) -> KernelSpec:
     """What a `gemm_kernel` launch with ``config`` compiles: contiguous last dimensions (unit
     strides specialised), aligned bases and strides, as serving tensors are. ``quant``: the int8
     mode (``"static"`` / ``"dynamic"``, ``dtype`` int8): C and the bias in ``out_dtype``, scales
     in float32, dynamic row scales ``[S, M]`` read with the receive layout's strides (the scale
-    sits in each received row's tail: `kernels.quantize`)."""
+    sits in each received row's tail: `kernels.quantize`). ``fp32_out``: a 16-bit GEMM storing
+    into an fp32 C without accumulating (``ring``'s first step writes its fp32 workspace so)."""
     element = TRITON_DTYPES[dtype]
     c_element = element if quant == "none" else TRITON_DTYPES[out_dtype]
     signature = {
         "a_ptr": f"tensordesc<{element}[1, {config.block_m}, {config.block_k}]>" if tma else f"*{element}",
         "w_ptr": "*i64" if w_from_table else (
             f"tensordesc<{element}[{config.block_n}, {config.block_k}]>" if tma else f"*{element}"),
-        "bias_ptr": f"*{c_element}", "c_ptr": f"*{'fp32' if accumulate else c_element}", "partial_ptr": "*fp32",
-        "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32",
+        "bias_ptr": f"*{c_element}", "c_ptr": f"*{'fp32' if accumulate or fp32_out else c_element}",
+        "partial_ptr": "*fp32", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32",
         "M": "i32", "N": "i32", "K_S": "i32", "S": "i32", "s_start": "i32", "w_entry": "i32",
         "stride_as": "i32", "stride_am": "i32", "stride_ws": "i32", "stride_wn": "i32", "stride_cm": "i32",
         "stride_rs": "i32", "stride_rm": "i32",
@@ -157,6 +159,9 @@ def _gemm_cases(target: str) -> list:
                 name = f"gemm:default-m{m}-{TRITON_DTYPES[dtype]}-bias{int(has_bias)}-acc{int(accumulate)}"
                 cases.append((name, gemm_spec(config, dtype, has_bias=has_bias, accumulate=accumulate, tma=fast,
                                               target=target)))
+            if dtype != torch.float32:  # ring's first step: the fp32 workspace written, not accumulated
+                cases.append((f"gemm:default-m{m}-{TRITON_DTYPES[dtype]}-bias1-acc0-fp32out",
+                              gemm_spec(config, dtype, has_bias=True, fp32_out=True, tma=fast, target=target)))
     for m in (DECODE_M, PREFILL_M):
         config = default_gemm_config(m, MODEL_N, MODEL_K, target)
         cases.append((f"gemm:default-m{m}-uneven-k", gemm_spec(config, k_s=UNEVEN_K_S, target=target)))
