@@ -75,8 +75,14 @@ class Precision:
     label: str
 
     def row_bytes(self, k_local: int) -> int:
-        """Bytes of one token's row of x as sent: K_l elements plus its scale."""
-        return k_local * self.act_bytes + self.row_scale_bytes
+        """Bytes of one token's row of x as sent: K_l elements, or W8A8's packed int8 row
+        (`kernels.quantize.packed_row_bytes`: dynamic rows carry their fp32 scale in a 16-byte
+        aligned tail, ``round_up(K_l, 16) + 16`` bytes)."""
+        if self.int8:
+            from kernels.quantize import packed_row_bytes
+
+            return packed_row_bytes(k_local, self.row_scale_bytes > 0)
+        return k_local * self.act_bytes
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -85,7 +91,7 @@ PRECISIONS: dict[str, Precision] = {
         Precision("bf16", 2, 0, 2, 2, 0, False, "bfloat16", "bf16 activations and W_o"),
         Precision(
             "w8a8", 1, 4, 2, 1, 1, True, "int8",
-            "W8A8 path's figures (issue 11, dynamic per-token): int8 x + one fp32 scale per row on the "
+            "W8A8 path's figures (issue 11, dynamic per-token): int8 x rows with their fp32 scale (16-byte aligned packed rows) on the "
             "wire, int8 W_o + one fp32 per-channel scale vector [D] per layer, output and partial sums bf16",
         ),
         Precision(
@@ -453,7 +459,7 @@ class CostModel:
         acc = chunk * d * 4
         comms, comps = [], []
         for k0, k1 in self._k_slices(p, chunk, chunks):
-            width = (k1 - k0) * p.act_bytes + (p.row_scale_bytes if k0 == 0 else 0)  # the scale travels in slice 0
+            width = p.row_bytes(k1 - k0) if k0 == 0 else (k1 - k0) * p.act_bytes  # the scale travels in slice 0
             def piece(pos, size, width=width):
                 return [0 if r == pos else _rows(tokens, chunk, r) * width for r in range(size)]
             comms.append(collective_s(hw, self.groups(1)["tp"], piece))

@@ -83,7 +83,10 @@ def test_bytes_arithmetic():
     assert P.reduce_scatter_bytes(2, 4, 100) == 600
     assert P.all_reduce_bus_bytes(4, 4, 100) == 600
     assert P.broadcast_bus_bytes(1000, 4) == 1000 and P.broadcast_bus_bytes(1000, 1) == 0
-    assert P.PRECISIONS["w8a8"].row_bytes(1024) == 1024 + 4
+    # dynamic W8A8 sends kernels.quantize's packed rows: round_up(K_l, 16) + a 16-byte scale tail
+    assert P.PRECISIONS["w8a8"].row_bytes(1024) == 1024 + 16
+    assert P.PRECISIONS["w8a8"].row_bytes(1000) == 1008 + 16
+    assert P.PRECISIONS["w8a8-static"].row_bytes(1000) == 1000
     assert P.PRECISIONS["bf16"].row_bytes(1024) == 2048
 
 
@@ -94,7 +97,7 @@ def test_plan_rows_carry_those_bytes():
     row = by[("fc2-o1-bf16", 5)]
     assert row.estimate.bytes_per_layer == max(P.all_to_all_bytes(5, 16, 1024 * 2))
     assert row.bytes_all_layers == 61 * row.estimate.bytes_per_layer
-    assert by[("fc2-o1-w8a8", 64)].estimate.bytes_per_layer == max(P.all_to_all_bytes(64, 16, 1024 + 4))
+    assert by[("fc2-o1-w8a8", 64)].estimate.bytes_per_layer == max(P.all_to_all_bytes(64, 16, 1024 + 16))
     a2a, rs = P.otp_bytes(64, 16, 2, 2048, 7168 * 2)
     assert by[("fc2-o2-bf16", 64)].estimate.bytes_by_collective == {"all_to_all": a2a, "reduce_scatter": rs}
     shared = by[("oshared-o2-p1-bf16", 64)].estimate.bytes_by_collective
