@@ -92,7 +92,8 @@ PRECISIONS: dict[str, Precision] = {
         Precision(
             "w8a8", 1, 4, 2, 1, 1, True, "int8",
             "W8A8 path's figures (issue 11, dynamic per-token): int8 x rows with their fp32 scale (16-byte "
-            "aligned packed rows) on the wire, int8 W_o + one fp32 per-channel scale vector [D] per layer, output and partial sums bf16",
+            "aligned packed rows) on the wire, int8 W_o + one fp32 per-channel scale vector [D] per layer, "
+            "output and partial sums bf16",
         ),
         Precision(
             "w8a8-static", 1, 0, 2, 1, 4, True, "int8",
