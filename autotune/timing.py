@@ -145,12 +145,11 @@ def capture(fn: Callable[[], Any], calls: int):
     """A graph of ``calls`` back-to-back calls of ``fn`` (warmed up once on a side stream first,
     as graph capture wants: lazy workspaces and communicators exist before capture)."""
     cls, context = graph_api()
-    module = getattr(torch, platform.device_kind())
-    side = module.Stream()
-    side.wait_stream(module.current_stream())
-    with module.stream(side):
+    side = platform.new_stream()
+    side.wait_stream(platform.current_stream())
+    with platform.use_stream(side):
         fn()
-    module.current_stream().wait_stream(side)
+    platform.current_stream().wait_stream(side)
     graph = cls()
     with context(graph):
         for _ in range(calls):

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -92,6 +92,8 @@ class OProjPlan:
     a2a: A2AGemmConfig  # its tuning (o = 1)
     gemm: Optional[GemmConfig]  # GEMM tiles of the o > 1 path (None = default_gemm_config)
     rs_chunks: int  # o > 1: 1 = plain GEMM + reduce-scatter, > 1 = pipelined
+    #: o > 1: `FlashComm2OProj.send_positions` of this token count (int32 for W8A8's quantize)
+    positions: Optional[torch.Tensor] = field(default=None, compare=False)
 
 
 #: Plans kept per module (one per token count seen); cleared when full.
@@ -246,11 +248,12 @@ class FlashComm2OProj(nn.Module):
             self.weight = nn.Parameter(torch.empty(output_size, self.shard_size, dtype=dtype), requires_grad=False)
             self.weight.weight_loader = self.weight_loader
         else:
-            for name, (shape, param_dtype) in w8a8.parameter_layout(quant, output_size, self.shard_size, dtype).items():
+            layout = w8a8.parameter_layout(quant, output_size, self.shard_size, dtype)
+            for name, (shape, param_dtype) in layout.items():
                 param = nn.Parameter(torch.zeros(shape, dtype=param_dtype), requires_grad=False)
                 param.weight_loader = self.weight_loader
                 self.register_parameter(name, param)
-            self.quant_params = tuple(w8a8.parameter_layout(quant, output_size, self.shard_size, dtype))
+            self.quant_params = tuple(layout)
             # sum_k W[n, k] over the checkpoint's full K: compressed-tensors' zero-point correction
             self.register_buffer("weight_column_sums", torch.zeros(output_size, dtype=torch.int64), persistent=False)
         if bias:
@@ -413,10 +416,10 @@ class FlashComm2OProj(nn.Module):
         )
         return None, dict(found or {})
 
-    def _plan(self, tokens: int) -> OProjPlan:
-        """Schedule, tiles and reduce-scatter chunks of one call: tuned tables first, then the
-        documented heuristics. Derived from T, shapes, sizes and the config only, so identical on
-        every rank."""
+    def _plan(self, tokens: int, device: Optional[torch.device] = None) -> OProjPlan:
+        """Schedule, tiles and reduce-scatter chunks of one call (and, o > 1, its send positions
+        on ``device``): tuned tables first, then the documented heuristics. Derived from T, shapes,
+        sizes and the config only, so identical on every rank."""
         plan = self._plans.get(tokens)
         if plan is not None:
             return plan
@@ -431,11 +434,16 @@ class FlashComm2OProj(nn.Module):
                 tokens, self.input_size_per_partition, self.output_size, self.groups.odp_size,
                 platform.device_kind(), a2a, heap=self._pull_fits(tokens),
             )
-        rs_chunks = 1
+        rs_chunks, positions = 1, None
         if self.otp_size > 1:
             chunk = -(-tokens // self.tp_size)
             rs_chunks = plan_chunks(chunk, self.output_size, self.otp_size, self.config.rs_chunks or rs.get("chunks"))
-        plan = OProjPlan(schedule, a2a, gemm_config, rs_chunks)
+            positions = self.send_positions(tokens, device).to(torch.int32 if self.quant is not None else torch.int64)
+        plan = OProjPlan(schedule, a2a, gemm_config, rs_chunks, positions)
+        if platform.is_capturing():
+            # A tensor made inside a capture holds its values only once the graph replays: an
+            # eager call must not find it in the cache.
+            return plan
         if len(self._plans) >= PLAN_CACHE_SIZE:
             self._plans.clear()
         self._plans[tokens] = plan
@@ -537,7 +545,7 @@ class FlashComm2OProj(nn.Module):
             x = torch.cat([x, x.new_zeros((step.pad, x.shape[1]))])  # the engine's padding rows
         tokens = x.shape[0]
         weight = self._forward_weight(tokens)
-        plan = self._plan(tokens)
+        plan = self._plan(tokens, x.device)
         bias = None if self.skip_bias_add else self.bias
         spec = None
         if self.quant is not None:
@@ -588,13 +596,12 @@ class FlashComm2OProj(nn.Module):
         width, dtype = (k_local, x.dtype) if spec is None else (spec.row_bytes(k_local), torch.int8)
         make = torch.zeros if padded > tokens else torch.empty
         send = make((padded, width), dtype=dtype, device=x.device)
-        positions = self.send_positions(tokens, x.device)
         # One scattered write (the send-side reorder; W8A8: fused into the quantization); padding
         # rows stay zero (an int8 zero row with a zero scale: no contribution).
         if spec is None:
-            send.index_copy_(0, positions, x)
+            send.index_copy_(0, plan.positions, x)
         else:
-            quantize_rows(x, spec, out=send, positions=positions.to(torch.int32))
+            quantize_rows(x, spec, out=send, positions=plan.positions)
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send, group=self.groups.odp_group)
         blocks = received.view(g, o * chunk, width)

@@ -8,7 +8,7 @@ subclass) by its ``quant_method`` (and, for compressed-tensors, its ``scheme``) 
   parameters under the same names as that scheme and loads checkpoint tensors through its
   ``weight_loader``;
 - a skip reason naming the scheme (FP8 per-tensor or block-wise, W4A8, W8A16, ...): keep the
-  original module, log the reason once (`log_skip`).
+  original module; the engine's patcher logs the reason once.
 
 `module_arguments(linear)` gives the `FlashComm2OProj` keyword arguments that carry it
 (``quant=``, and ``params_dtype=`` the model dtype: a W8A8 layer's weight is int8).
@@ -39,13 +39,11 @@ over all heads (the same values where one rank holds all heads).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-logger = logging.getLogger(__name__)
 
 FORMATS = ("vllm-ascend", "compressed-tensors")
 ACTIVATIONS = ("static", "dynamic")
@@ -94,10 +92,6 @@ class QuantDecision:
     spec: Optional[W8A8Spec] = None
     skip_reason: Optional[str] = None
     scheme: str = "unquantized"
-
-    @property
-    def quantized(self) -> bool:
-        return self.spec is not None or self.skip_reason is not None
 
 
 def _name(obj: Any) -> str:
@@ -211,11 +205,6 @@ def module_arguments(linear: Any, decision: Optional[QuantDecision] = None) -> d
         weight = _param(linear, "weight")
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.get_default_dtype()
     return {"quant": decision.spec, "params_dtype": dtype}
-
-
-def log_skip(prefix: str, decision: QuantDecision) -> None:
-    """The one log line for an o_proj left as it is."""
-    logger.warning("FlashComm2: keeping %s as it is: %s", prefix or "o_proj", decision.skip_reason)
 
 
 # ---- parameters and math of each scheme ---------------------------------------------------------

@@ -68,6 +68,7 @@ from .config import (
     FC2ConfigError,
     env_bool,
 )
+from .graphs import GRAPH_MODES, graph_refusal, prepare_for_capture
 from .groups import FC2Groups, default_groups
 from .log import attach_to_engine
 from .oproj import FlashComm2OProj, StepLayout
@@ -81,7 +82,6 @@ _WRAPPED = "_fc2_flashcomm2_wrapped"
 REPORT_ATTRIBUTE = "_fc2_patch_report"
 #: The key fc2 adds to ``vllm.envs.compile_factors()`` (hashed into vLLM's compile-cache keys).
 CACHE_FACTOR = "FC2_FLASHCOMM2"
-GRAPH_MODES = ("none", "piecewise", "full")
 #: Loader classes whose own ``load_model`` fc2 wrapped with the unsupported-loader notice.
 _NOTICED_LOADERS: list[type] = []
 
@@ -177,13 +177,15 @@ def o_proj_replacement(
     *,
     selected: bool = True,
     draft: bool = False,
+    loaded: bool = False,
 ) -> Union[FlashComm2OProj, Skip]:
     """The FlashComm2 module for one vLLM o_proj (weights not loaded), or why it is kept.
 
     The one place that decides, per module: ``linear`` and its ``prefix`` (its quant_method /
     quant_config, TP flags, shapes, vllm-ascend op), the `FC2Config` and the groups it would use;
     ``selected``: ``FC2_MODULES`` takes it; ``draft``: it belongs to a speculative-decoding draft
-    model. Every check is local and identical on every rank (same model, same settings)."""
+    model; ``loaded``: its weights are already loaded (a quantized one is then kept). Every check
+    is local and identical on every rank (same model, same settings)."""
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     if not selected:
@@ -223,6 +225,11 @@ def o_proj_replacement(
     weight = getattr(linear, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
         return Skip(prefix, "its weight is not materialised (meta device): deferred-weight loading is not supported")
+    if loaded and quantization.spec is not None:
+        # A loaded quantized layer's tensors are the engine's post-processed ones (transposed,
+        # repacked, scales folded): only the checkpoint's, as they load, are the contract.
+        return Skip(prefix, f"a loaded {quantization.spec.name} o_proj: quantized layers are replaced at model "
+                            f"construction only, before their weights load (the plugin does; set {ENV_OTP_SIZE})")
     with torch.device(weight.device):
         return FlashComm2OProj(
             linear.input_size,
@@ -346,12 +353,8 @@ def patch_model(
         if all_skipped is not None:
             outcome: Union[FlashComm2OProj, Skip] = Skip(name, all_skipped)
         else:
-            outcome = o_proj_replacement(linear, name, config, groups, selected=selection.selects(name), draft=draft)
-        if carry_weights and isinstance(outcome, FlashComm2OProj) and outcome.quant is not None:
-            # A loaded quantized layer's tensors are the engine's post-processed ones (transposed,
-            # repacked, scales folded): only the checkpoint's, as they load, are the contract.
-            outcome = Skip(name, f"a loaded {outcome.quant.name} o_proj: quantized layers are replaced at model "
-                                 f"construction only, before their weights load (the plugin does; set {ENV_OTP_SIZE})")
+            outcome = o_proj_replacement(linear, name, config, groups, selected=selection.selects(name), draft=draft,
+                                         loaded=carry_weights)
         if isinstance(outcome, Skip):
             report.skipped[name] = outcome.reason
         else:
@@ -408,12 +411,8 @@ def engine_graph_mode(vllm_config: Any) -> str:
 
 def check_graph_mode(config: FC2Config, mode: str, layers: int) -> None:
     """Refuse a graph mode the FlashComm2 modules cannot be captured in (before anything changes)."""
-    if mode not in GRAPH_MODES:
+    if mode not in GRAPH_MODES:  # named as the engine's mode (graph_refusal would say mode=...)
         raise ValueError(f"graph mode {mode!r}: expected one of {GRAPH_MODES}")
-    if mode == "none":
-        return
-    from .graphs import graph_refusal
-
     refusal = graph_refusal(config, mode, layers)
     if refusal:
         raise FC2ConfigError(
@@ -503,8 +502,6 @@ def finish_after_loading(model: nn.Module, vllm_config: Any) -> None:
     finalize(model)
     mode = engine_graph_mode(vllm_config)
     if mode != "none":
-        from .graphs import prepare_for_capture
-
         # Workspaces sized once for the largest step the scheduler makes: no allocation while
         # the engine captures or replays.
         scheduler = getattr(vllm_config, "scheduler_config", None)

@@ -143,7 +143,7 @@ class A2AGemmContext:
     def pull_fits(self, tokens: int, k_local: int, dtype: torch.dtype) -> bool:
         """Whether this context was made with a heap whose slots hold such an x: a fact every
         rank shares (what ``auto`` decides from), whatever happened to this rank's heap since."""
-        return self.heap is not None and tokens * k_local * torch.empty((), dtype=dtype).element_size() <= self.slot_bytes
+        return self.heap is not None and tokens * k_local * dtype.itemsize <= self.slot_bytes
 
     def pull_unavailable(self) -> Optional[str]:
         """None when ``pull`` can run on this context, else why not (the error text)."""
@@ -165,7 +165,7 @@ class A2AGemmContext:
         return self._slot_view(self._next_slot(), tokens, k_local, dtype)
 
     def check_fits(self, tokens: int, k_local: int, dtype: torch.dtype) -> None:
-        need = tokens * k_local * torch.empty((), dtype=dtype).element_size()
+        need = tokens * k_local * dtype.itemsize
         if need > self.slot_bytes:
             raise ValueError(
                 f"x: {need} bytes ([{tokens}, {k_local}] {dtype}) exceed the context's pull slot of "
@@ -176,7 +176,7 @@ class A2AGemmContext:
         return 0 if self.graph_safe else self.epoch % PULL_SLOTS
 
     def _slot_view(self, slot: int, tokens: int, k_local: int, dtype: torch.dtype) -> torch.Tensor:
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         return self._slots[slot][: tokens * k_local * element].view(dtype).view(tokens, k_local)
 
     def begin_pull(self) -> int:
@@ -206,7 +206,7 @@ class A2AGemmContext:
         count = 1
         for d in shape:
             count *= d
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         buffer = self._buffer(name, nbytes, torch.device(device))
         return buffer[:nbytes].view(dtype).view(shape)
 

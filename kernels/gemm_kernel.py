@@ -220,12 +220,6 @@ class Int8Scales:
         """These scales for output channels ``span`` (a GEMM over some of W's rows)."""
         return Int8Scales(self.col_scale[span], self.row_scale, self.out_dtype)
 
-    def sources(self, span: slice) -> "Int8Scales":
-        """These scales for source blocks ``span`` (a GEMM over some of the K blocks)."""
-        if self.row_scale is None:
-            return self
-        return Int8Scales(self.col_scale, self.row_scale[span], self.out_dtype)
-
 
 def _check_int8_scales(a_name: str, a: torch.Tensor, weight: Any, scales: Any) -> None:
     if not isinstance(scales, Int8Scales):

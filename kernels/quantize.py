@@ -156,10 +156,6 @@ class W8A8:
     def dynamic(self) -> bool:
         return self.input_scale_reciprocal is None
 
-    @property
-    def mode(self) -> str:
-        return "dynamic" if self.dynamic else "static"
-
     def row_bytes(self, k_local: int) -> int:
         return packed_row_bytes(k_local, self.dynamic)
 

@@ -19,7 +19,7 @@ used and before its buffers are reused; a call returns with every transfer joine
   its all-to-all brings me those columns of every source rank's heads for my c rows (receive
   layout ``[S, m, k1 - k0]``), and the receive-layout GEMM adds ``A_j @ W[:, s*K_l + k0 : s*K_l +
   k1]^T`` over the source blocks s into an fp32 ``[c, N]`` accumulator (the output itself for
-  fp32; initialised with the bias, so it is added once; one cast at the end). The all-to-all of
+  fp32; slice 0 writes it with the bias, so it is added once; one cast at the end). The all-to-all of
   slice j+1 is in flight during slice j's GEMM. Each GEMM reads only its slice's columns of W, so
   a call reads W once whatever ``chunks`` is (a token cut would re-read all of W per sub-chunk).
   The send side packs each slice's columns of all T rows into one buffer (``all_to_all_single``
@@ -48,12 +48,11 @@ collectives are the same.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
-
-import math
 
 from . import platform
 from .a2a_context import A2AGemmContext, Pending
@@ -85,7 +84,7 @@ def reserve_workspaces(
     tokens (group size ``size``, x ``[T, k_local]``, N = ``n``), so that no later call allocates
     (a K slice is at most K_l wide; both accumulators are fp32 ``[c, N]``)."""
     chunk = -(-tokens // size)
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     for b in range(2):
         context.reserve(f"chunked.recv{b}", size * chunk * k_local * element)
         context.reserve(f"chunked.send{b}", size * chunk * k_local * element)
@@ -139,18 +138,13 @@ def chunked(call: "_Call") -> torch.Tensor:
     m = call.rows(rank)
     splits = [call.rows(p) for p in range(size)]
     context = _context_for(call)
-    widths = [_slice_width(k1 - k0, dynamic and j == 0) for j, (k0, k1) in enumerate(slices)]
+    widths = [packed_row_bytes(k1 - k0, dynamic and j == 0) for j, (k0, k1) in enumerate(slices)]
     receive = [context.workspace(f"chunked.recv{b}", (size * m * max(widths),), x.dtype, x.device) for b in range(2)]
     send = [context.workspace(f"chunked.send{b}", (call.tokens * max(widths),), x.dtype, x.device) for b in range(2)]
-    if x.dtype == torch.float32:
+    if call.x.dtype == torch.float32:
         acc = out[:m]  # accumulate in the output itself: nothing to cast
     else:
         acc = context.workspace("chunked.acc", (m, n), torch.float32, x.device)
-    # The bias, once, as the accumulator's initial value; every slice then adds its product.
-    if call.bias is not None:
-        acc.copy_(call.bias.expand(m, n))
-    else:
-        acc.zero_()
     # Dynamic W8A8: the per-token scales arrive with slice 0 only; kept here for the later slices
     # (slice 0's receive buffer is reused by slice 2).
     row_scales = context.workspace("chunked.scales", (size, m), torch.float32, x.device) if dynamic else None
@@ -163,10 +157,13 @@ def chunked(call: "_Call") -> torch.Tensor:
         # sends. The buffer packed here was last read by transfer j-2, which the current stream
         # has waited for.
         (k0, k1), width = slices[j], widths[j]
-        packed = send[j % 2][: call.tokens * width].view(call.tokens, width)
-        packed[:, : k1 - k0].copy_(x[:, k0:k1])
-        if dynamic and j == 0:
-            packed[:, scale_offset(k1 - k0) :].copy_(x[:, scale_offset(k_local) :])
+        if len(slices) == 1:
+            packed = x  # one slice is the whole row: send_rows' contiguous rows as they are
+        else:
+            packed = send[j % 2][: call.tokens * width].view(call.tokens, width)
+            packed[:, : k1 - k0].copy_(x[:, k0:k1])
+            if dynamic and j == 0:
+                packed[:, scale_offset(k1 - k0) :].copy_(x[:, scale_offset(k_local) :])
         received = receive[j % 2][: size * m * width].view(size * m, width)
         work = dist.all_to_all_single(received, packed, [m] * size, splits, group=call.group, async_op=True)
         return Pending((work,))
@@ -185,18 +182,13 @@ def chunked(call: "_Call") -> torch.Tensor:
             else:
                 a, scales = call.operands(blocks, k1 - k0)
             # W columns [s*K_l + k0, s*K_l + k1) of each source block s: W read once over the slices.
-            gemm(a, call.weight[:, k0:], None, out=acc, accumulate=True, config=config, scales=scales,
-                 w_block_stride=k_local)
+            # Slice 0 writes the accumulator with the bias (added once); later slices add to it.
+            gemm(a, call.weight[:, k0:], call.bias if j == 0 else None, out=acc, accumulate=j > 0, config=config,
+                 scales=scales, w_block_stride=k_local)
         pending = following
     if m and acc.data_ptr() != out.data_ptr():
         out[:m].copy_(acc)
     return out
-
-
-def _slice_width(width: int, with_scale: bool) -> int:
-    """Elements per token of a slice of ``width`` columns on the wire (with the dynamic scale: its
-    packed row)."""
-    return packed_row_bytes(width, True) if with_scale else width
 
 
 def ring(call: "_Call") -> torch.Tensor:

@@ -55,10 +55,12 @@ def engines(request):
     runs.close()
 
 
-def _check_equal(engines, model, mode, setting, baseline, run, tolerance=TOLERANCE):
+def _check_equal(engines, model, mode, setting, baseline, run):
+    """The comparison of ``run`` with ``baseline`` (a row of the table); it compared something."""
     from tests.engine_harness import compare
 
     result = compare(baseline.output["results"], run.output["results"])
+    assert result.positions > 0, f"{run.name}: no generated positions to compare ({result})"
     engines.table.append((model, mode, setting, result.max_logprob_diff, result.tokens_equal,
                           run.output["startup_s"], run.output["generate_s"]))
     return result
@@ -70,7 +72,10 @@ def _check_ran(run, layers, tp, *, layout="replicated"):
     before, after = run.reports_before, run.reports_after
     names = [f"model.layers.{i}.self_attn.o_proj" for i in range(layers)]
     assert sorted(r["rank"] for r in after) == list(range(tp)), after
-    for b, a in zip(before, after):
+    assert sorted(r["rank"] for r in before) == list(range(tp)), before
+    before = {r["rank"]: r for r in before}
+    for a in after:
+        b = before[a["rank"]]
         assert a["replaced"] == names and a["skipped"] == {}, a
         assert a["old_alive"] == 0, f"rank {a['rank']}: replaced linears still alive"
         assert a["op_keys"] == {n: n for n in names}, a["op_keys"]  # the custom op's key: the prefix
@@ -189,6 +194,7 @@ def test_openai_server_completion(engines):
     base = engines.run("llama-eager", "llama")
     choice, log, served = engines.serve_completion("llama-server-fc2", "llama", PROMPTS[0], env=FC2)
     result = compare(base.output["results"][:1], server_logprobs(choice))
+    assert result.positions > 0, f"the server's completion had no logprobs to compare: {choice}"
     engines.table.append(("llama", "OpenAI server, eager", "otp 1", result.max_logprob_diff, result.tokens_equal,
                           served, float("nan")))
     assert result.tokens_equal and result.max_logprob_diff <= TOLERANCE, result

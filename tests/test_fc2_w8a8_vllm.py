@@ -100,10 +100,14 @@ def _compare(case: str, bias: bool):
     activations, kind, scheme = CASES[case]
     directory = os.path.join(state["shared"], f"w8a8-{case}")
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as handle:  # the checkpoint's config
+    # The checkpoint's config. Every rank writes the same file: each writes its own and renames it
+    # into place, so no rank reads a file another is still writing.
+    path = os.path.join(directory, "config.json")
+    with open(f"{path}.rank{rank}", "w") as handle:
         json.dump({"architectures": ["LlamaForCausalLM"], "quantization_config": quantization_config(activations)},
                   handle)
-    with open(os.path.join(directory, "config.json")) as handle:
+    os.replace(f"{path}.rank{rank}", path)
+    with open(path) as handle:
         config = CompressedTensorsConfig.from_config(json.load(handle)["quantization_config"])
     prefix = "model.layers.0.self_attn.o_proj"
     linear = RowParallelLinear(K, D, bias=bias, quant_config=config, prefix=prefix, params_dtype=torch.bfloat16)

@@ -177,6 +177,7 @@ def _assert_clean_and_necessary(results, *, allowed_unwaited: int = 0):
     violations = graph.violations()
     assert violations == [], violations[:3]
     necessity = graph.necessity()
+    assert necessity, "no synchronisation site recorded: the recorder did not see this path"
     redundant = {site for site, violation in necessity.items() if violation is None}
     unwaited = graph.unwaited_records()
     assert redundant <= unwaited, [(s, graph.sites[s].kind, graph.sites[s].where) for s in sorted(redundant - unwaited)]
